@@ -1,0 +1,1 @@
+"""Backends behind `Engine`; each imports its heavy library only when selected."""

@@ -1,0 +1,88 @@
+"""Engine: one loaded network on one backend, shared by many sessions; each session gets its own Runner.
+
+A Runner owns the contract's input/output buffers, bound once to the backend, so a click writes a few
+bytes of points in place and runs: no per-forward allocation and no feed dictionaries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .contract import Contract
+from .errors import ContractError
+
+BACKENDS = ("ort", "torch", "trt")
+
+
+class Runner(Protocol):
+    """Per-session buffers of one engine; `run()` reads them and returns the probs buffer (1, 1, S, S)."""
+
+    image: np.ndarray  # (1, 3, S, S) float32
+    prev_mask: np.ndarray  # (1, 1, S, S) float32
+    points: np.ndarray  # (1, 2P, 3) float32
+
+    def run(self) -> np.ndarray: ...
+
+
+def alloc_buffers(contract: Contract) -> dict[str, np.ndarray]:
+    shapes = contract.shapes()
+    bufs = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    bufs["points"].fill(-1.0)
+    return bufs
+
+
+class Engine:
+    """A network behind the contract. `Engine("model.onnx")` picks the ONNX Runtime backend.
+
+    backend: "auto" (the fastest available for the file: a TensorRT plan -> "trt", else "ort"),
+    "ort" (ONNX Runtime; providers default to CUDA/TensorRT when installed, else CPU) or "trt".
+    The torch reference backend is built by `export.torch_backend.torch_engine` (it needs torch).
+    """
+
+    def __init__(self, model: str | Path, backend: str = "auto", providers: list | None = None,
+                 threads: int | None = None):
+        path = Path(model)
+        if not path.is_file():
+            raise ContractError(f"{path}: no such model file")
+        if backend == "auto":
+            backend = "trt" if path.suffix in (".plan", ".engine", ".trt") else "ort"
+        if backend == "ort":
+            from .backends.ort import OrtModel
+
+            impl = OrtModel(path, providers=providers, threads=threads)
+        elif backend == "trt":
+            from .backends.trt import TrtModel
+
+            impl = TrtModel(path)
+        else:
+            raise ContractError(f"unknown backend {backend!r}; choose one of 'auto', 'ort', 'trt'")
+        self._init(impl.contract, impl.new_runner, backend, impl.describe())
+
+    @classmethod
+    def from_runner_factory(cls, contract: Contract, new_runner: Callable[[], Runner], name: str,
+                            description: str) -> Engine:
+        """An engine over any backend that provides Runners (used by the torch reference backend)."""
+        engine = cls.__new__(cls)
+        engine._init(contract, new_runner, name, description)
+        return engine
+
+    def _init(self, contract: Contract, new_runner: Callable[[], Runner], name: str, description: str) -> None:
+        self.contract = contract
+        self.backend = name
+        self.description = description
+        self._new_runner = new_runner
+        self._lock = threading.Lock()
+
+    def new_runner(self) -> Runner:
+        with self._lock:  # runner creation touches the backend's allocators; running does not need the lock
+            return self._new_runner()
+
+    def __repr__(self) -> str:
+        c = self.contract
+        return (f"Engine(backend={self.backend!r}, {self.description}, size={c.input_size}, "
+                f"max_points={c.max_points}, flip={c.flip}, precision={c.precision})")

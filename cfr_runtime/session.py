@@ -1,0 +1,211 @@
+"""Session: one image being annotated. Clicks in, masks out, with the official zoom-in and CFR.
+
+Per forward this reproduces the official `BasePredictor.get_prediction` with ZoomIn(skip_clicks=-1):
+choose the ROI from the previous probabilities, crop-resize image and previous probabilities to S x S,
+map clicks into the crop, run the graph (flip and sigmoid inside), and paste the S x S probabilities back
+into the ROI of a zero full-resolution map, which is the next forward's previous mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine
+from .errors import InputError, StateError
+from .resample import Resampler
+from .zoom import Box, ZoomParams, clicks_to_roi, next_roi
+
+
+@dataclass(frozen=True)
+class Click:
+    """A click in image pixels: x is the column, y the row."""
+
+    x: float
+    y: float
+    positive: bool
+
+
+@dataclass
+class _Step:
+    probs: np.ndarray
+    roi: Box | None
+    forwards: int
+
+
+def validate_image(rgb: object) -> np.ndarray:
+    """An H x W x 3 uint8 RGB array, or an InputError that says how to get one."""
+    if not isinstance(rgb, np.ndarray):
+        raise InputError(f"image must be a numpy array (H x W x 3 uint8 RGB), got {type(rgb).__name__}")
+    if rgb.ndim == 2:
+        raise InputError(f"image is a 2-D (grayscale) array {rgb.shape}; pass H x W x 3 RGB, "
+                         "e.g. np.repeat(gray[..., None], 3, axis=2)")
+    if rgb.ndim != 3:
+        raise InputError(f"image must have shape H x W x 3, got {rgb.shape}")
+    if rgb.shape[2] == 4:
+        raise InputError("image has 4 channels (RGBA); drop the alpha channel: rgb = rgba[..., :3]")
+    if rgb.shape[2] != 3:
+        raise InputError(f"image must have 3 channels (RGB), got {rgb.shape[2]} (shape {rgb.shape})")
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise InputError(f"image is empty (shape {rgb.shape})")
+    if rgb.dtype != np.uint8:
+        hint = " (floats in [0, 1]: (img * 255).round().astype(np.uint8))" if rgb.dtype.kind == "f" else ""
+        raise InputError(f"image dtype must be uint8, got {rgb.dtype}{hint}")
+    return rgb
+
+
+class Session:
+    """Interactive segmentation of one image at a time on a shared Engine.
+
+    Defaults are the official SimpleClick/CFR-ICL evaluation: zoom-in on, flip as exported, threshold
+    0.49, no CFR. `cfr=n` runs n extra forwards on the first `cfr_clicks` clicks (None: every click);
+    `adaptive=True` (A-CFR) stops once at most `cfr_threshold` pixels change between two forwards.
+    """
+
+    def __init__(self, engine: Engine, *, cfr: int = 0, adaptive: bool = False, cfr_threshold: int = 20,
+                 cfr_clicks: int | None = 1, zoom_in: bool = True, zoom: ZoomParams | None = None,
+                 threshold: float | None = None):
+        if cfr < 0 or cfr_threshold < 0 or (cfr_clicks is not None and cfr_clicks < 1):
+            raise InputError("cfr and cfr_threshold must be >= 0 and cfr_clicks >= 1 (or None for every click)")
+        self.engine = engine
+        self.cfr, self.adaptive, self.cfr_threshold, self.cfr_clicks = cfr, adaptive, cfr_threshold, cfr_clicks
+        self.zoom_in = zoom_in
+        self.zoom = zoom or ZoomParams()
+        self.threshold = engine.contract.threshold if threshold is None else threshold
+        self._size = engine.contract.input_size
+        self._max_points = engine.contract.max_points
+        self._runner = engine.new_runner()
+        self._image: np.ndarray | None = None
+        self._clicks: list[Click] = []
+        self._history: list[_Step] = []
+        self.forwards: list[int] = []
+
+    # ---- public API -------------------------------------------------------------------------------
+    def set_image(self, rgb: np.ndarray) -> None:
+        """Start annotating a new image (uint8 H x W x 3 RGB); clears clicks and history."""
+        rgb = validate_image(rgb)
+        self._image = rgb.astype(np.float32) * np.float32(1 / 255)
+        h, w = rgb.shape[:2]
+        self._probs = np.zeros((h, w), np.float32)
+        self._spare = np.zeros((h, w), np.float32)  # ping-pong partner of _probs
+        self._roi_hwc = np.empty((self._size, self._size, 3), np.float32)
+        self.reset()
+
+    def add_click(self, x: float, y: float, positive: bool = True) -> np.ndarray:
+        """Add a click at column x, row y (image pixels); returns the new bool H x W mask."""
+        self._require_image()
+        h, w = self._probs.shape
+        if not (isinstance(x, (int, float, np.integer, np.floating)) and isinstance(y, (int, float, np.integer,
+                                                                                        np.floating))):
+            raise InputError(f"click coordinates must be numbers, got x={x!r}, y={y!r}")
+        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h):
+            raise InputError(f"click (x={x}, y={y}) is outside the {w}x{h} image (0 <= x < {w}, 0 <= y < {h})")
+        positive = bool(positive)
+        if sum(c.positive == positive for c in self._clicks) >= self._max_points:
+            kind = "positive" if positive else "negative"
+            raise InputError(f"this engine takes at most {self._max_points} {kind} clicks; re-export with a "
+                             "larger --max-points, or undo()/reset()")
+        self._history.append(_Step(self._probs.copy(), self._roi, 0))
+        self._clicks.append(Click(float(x), float(y), positive))
+        self.forwards.append(self._predict())
+        return self.mask
+
+    def undo(self) -> np.ndarray:
+        """Remove the last click and restore the mask before it."""
+        self._require_image()
+        if not self._clicks:
+            raise StateError("undo() with no clicks to undo")
+        step = self._history.pop()
+        self._clicks.pop()
+        self.forwards.pop()
+        self._probs[...] = step.probs
+        self._roi = step.roi
+        return self.mask
+
+    def reset(self) -> None:
+        """Remove every click of the current image."""
+        self._require_image()
+        self._clicks.clear()
+        self._history.clear()
+        self.forwards.clear()
+        self._probs.fill(0)
+        self._roi: Box | None = None
+        self._cached_roi: Box | None = None
+
+    @property
+    def clicks(self) -> list[Click]:
+        return list(self._clicks)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Probability map at image resolution (read-only view; copy it to keep it)."""
+        self._require_image()
+        view = self._probs.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def mask(self) -> np.ndarray:
+        self._require_image()
+        return self._probs > self.threshold
+
+    @property
+    def roi(self) -> Box | None:
+        """The current zoom-in box (rmin, rmax, cmin, cmax), inclusive, or None before the first click."""
+        return self._roi
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _require_image(self) -> None:
+        if self._image is None:
+            raise StateError("call set_image(rgb) before clicking")
+
+    def _predict(self) -> int:
+        n = len(self._clicks)
+        steps = 1
+        if self.cfr > 0 and (self.cfr_clicks is None or n <= self.cfr_clicks):
+            steps += self.cfr
+        before = None
+        for i in range(steps):
+            self._forward()
+            if self.adaptive and steps > 1:
+                now = self._probs > self.threshold
+                if before is not None and np.count_nonzero(now != before) <= self.cfr_threshold:
+                    return i + 1
+                before = now
+        return steps
+
+    def _forward(self) -> None:
+        h, w = self._probs.shape
+        s = self._size
+        positives = [(c.y, c.x) for c in self._clicks if c.positive]
+        whole = (0, h - 1, 0, w - 1)
+        roi = next_roi(self._roi, self._probs, positives, self.zoom) if self.zoom_in else whole
+        self._roi = roi
+        r0, r1, c0, c1 = roi
+        to_net = Resampler(r0, r1 - r0 + 1, c0, c1 - c0 + 1, s, s)
+        runner = self._runner
+        if roi != self._cached_roi:  # the image crop is uploaded once per ROI change
+            to_net(self._image, out=self._roi_hwc)
+            runner.image[0] = self._roi_hwc.transpose(2, 0, 1)
+            self._cached_roi = roi
+        to_net(self._probs, out=runner.prev_mask[0, 0])
+        self._write_points(roi)
+        probs = runner.run()[0, 0]
+        out = self._spare
+        out.fill(0)
+        Resampler(0, s, 0, s, r1 - r0 + 1, c1 - c0 + 1)(probs, out=out[r0:r1 + 1, c0:c1 + 1])
+        self._spare, self._probs = self._probs, out
+
+    def _write_points(self, roi: Box) -> None:
+        pts = self._runner.points[0]
+        pts.fill(-1.0)
+        p = self._max_points
+        yx = np.array([(c.y, c.x) for c in self._clicks], np.float64).reshape(-1, 2)
+        net = clicks_to_roi(yx, roi, self._size)
+        n_pos = n_neg = 0
+        for order, (c, (ny, nx)) in enumerate(zip(self._clicks, net)):
+            row = n_pos if c.positive else p + n_neg
+            pts[row] = (ny, nx, order)
+            n_pos, n_neg = n_pos + c.positive, n_neg + (not c.positive)

@@ -1,0 +1,1 @@
+"""Export side of cfr-icl: checkpoint -> ONNX graph of the runtime contract (and TensorRT plans)."""

@@ -1,0 +1,32 @@
+"""The contract function as a torch module: what gets exported, and what the torch reference backend runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.models.plainvit import PlainVitModel
+
+
+class ContractGraph(nn.Module):
+    """(image, prev_mask, points) -> probs, with the official predictor's flip averaging and sigmoid.
+
+    Flip as `AddHorizontalFlip`: a batch of [x, flip(x)], clicks x' = S - x - 1 (padding rows stay -1),
+    the two logit maps averaged after un-flipping, then the sigmoid.
+    """
+
+    def __init__(self, model: PlainVitModel, flip: bool = True):
+        super().__init__()
+        self.model = model
+        self.flip = flip
+
+    def forward(self, image: torch.Tensor, prev_mask: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([image, prev_mask], dim=1)
+        if not self.flip:
+            return torch.sigmoid(self.model(x, points).float())
+        width = image.shape[3]
+        invalid = torch.maximum(points[..., 0:1], points[..., 1:2]) < 0
+        flipped_x = torch.where(invalid, points[..., 1:2], (width - 1) - points[..., 1:2])
+        flipped = torch.cat([points[..., 0:1], flipped_x, points[..., 2:3]], dim=-1)
+        logits = self.model(torch.cat([x, x.flip(3)], dim=0), torch.cat([points, flipped], dim=0)).float()
+        return torch.sigmoid(0.5 * (logits[0:1] + logits[1:2].flip(3)))

@@ -1,0 +1,183 @@
+"""Engine and Session: the official protocol, backend agreement, CFR, and no torch in the runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+
+from cfr_runtime import ContractError, Engine, Session
+from cfr_runtime.clicker import Clicker
+from cfr_runtime.metrics import iou
+from tests.conftest import ROOT, blob_scene
+
+
+def _run_clicks(session, image, gt, n=20):
+    session.set_image(image)
+    clicker = Clicker(gt)
+    pred = np.zeros(gt.shape, bool)
+    trail = []
+    for _ in range(n):
+        y, x, p = clicker.next_click(pred)
+        pred = session.add_click(x, y, p)
+        trail.append(((y, x, p), pred.copy(), session.probs.copy()))
+    return trail
+
+
+def test_session_reproduces_official_loop(reference_dir, tiny_engine, data_dir):
+    """Same clicks and probabilities as the official-style torch predictor, 20 clicks, with zoom-in."""
+    from export.reference_loop import ReferencePredictor
+    from trainer.checkpoint import load_model
+
+    model, _ = load_model(reference_dir / "tiny_d8_s1" / "model.pth")
+    from cfr_runtime.datasets import open_dataset
+
+    inst = open_dataset(data_dir / "GrabCut")[7]
+    image, gt = inst.load()
+    for cfr, adaptive in [(0, False), (2, True)]:
+        session = Session(tiny_engine, cfr=cfr, adaptive=adaptive)
+        ref = ReferencePredictor(model, cfr=cfr, adaptive=adaptive)
+        ref.set_image(image)
+        ref_clicker = Clicker(gt)
+        ref_pred = np.zeros(gt.shape, bool)
+        for (click, _, probs) in _run_clicks(session, image, gt):
+            y, x, p = ref_clicker.next_click(ref_pred)
+            assert (y, x, p) == click
+            ref_pred = ref.add_click(x, y, p)
+            diff = np.abs(probs - ref.prev[0, 0].numpy()).max()
+            assert diff < 1e-4, f"probs differ by {diff}"
+
+
+def test_ort_and_torch_backends_agree(reference_dir):
+    from export.onnx_export import export_onnx
+    from export.torch_backend import torch_engine
+
+    ckpt = reference_dir / "tiny_d8_s1" / "model.pth"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path, _, _ = export_onnx(ckpt, d, size=224)
+        ort_engine = Engine(path)
+        ref_engine = torch_engine(ckpt, size=224)
+        assert ref_engine.backend == "torch" and ort_engine.backend == "ort"
+        image, gt = blob_scene(3, 150, 200)
+        a = _run_clicks(Session(ort_engine, cfr=1), image, gt)
+        b = _run_clicks(Session(ref_engine, cfr=1), image, gt)
+    worst = 0.0
+    for (ca, ma, pa), (cb, mb, pb) in zip(a, b):
+        assert ca == cb
+        worst = max(worst, float(np.abs(pa - pb).max()))
+        assert np.count_nonzero(ma != mb) <= 2  # a pixel at exactly the threshold may flip
+    print(f"max |ort - torch| over 20 clicks: {worst:.3g}")
+    assert worst < 1e-4
+
+
+def test_cfr_forward_counts(tiny_engine):
+    image, gt = blob_scene(1)
+    s = Session(tiny_engine, cfr=3)
+    _run_clicks(s, image, gt, 3)
+    assert s.forwards == [4, 1, 1]
+    s = Session(tiny_engine, cfr=2, cfr_clicks=None)
+    _run_clicks(s, image, gt, 3)
+    assert s.forwards == [3, 3, 3]
+    s = Session(tiny_engine, cfr=4, adaptive=True, cfr_threshold=10**9)
+    _run_clicks(s, image, gt, 2)
+    assert s.forwards == [2, 1]  # the first comparison is after the second forward
+
+
+def test_acfr_stops_on_threshold(tiny_engine):
+    """A-CFR with threshold 0 runs until two forwards agree exactly (or n+1 forwards)."""
+    image, gt = blob_scene(2)
+    s = Session(tiny_engine, cfr=4, adaptive=True, cfr_threshold=0)
+    s.set_image(image)
+    s.add_click(80, 60, True)
+    assert 2 <= s.forwards[0] <= 5
+
+
+def test_undo_and_reset_restore_state(tiny_engine):
+    image, gt = blob_scene(4)
+    s = Session(tiny_engine)
+    s.set_image(image)
+    m1 = s.add_click(70, 60, True)
+    p1 = s.probs.copy()
+    roi1 = s.roi
+    s.add_click(10, 10, False)
+    assert len(s.clicks) == 2
+    m = s.undo()
+    assert np.array_equal(m, m1) and np.array_equal(s.probs, p1) and s.roi == roi1
+    # the next click after undo equals a fresh session's second click
+    again = s.add_click(10, 10, False)
+    fresh = Session(tiny_engine)
+    fresh.set_image(image)
+    fresh.add_click(70, 60, True)
+    assert np.array_equal(again, fresh.add_click(10, 10, False))
+    s.reset()
+    assert s.clicks == [] and not s.mask.any() and s.roi is None
+
+
+def test_zoom_in_roi_follows_object(tiny_engine):
+    image, gt = blob_scene(5, 400, 600)
+    s = Session(tiny_engine)
+    s.set_image(image)
+    s.add_click(300, 200, True)
+    assert s.roi == (0, 399, 0, 599)  # the first click sees the whole image
+    s2 = Session(tiny_engine, zoom_in=False)
+    s2.set_image(image)
+    s2.add_click(300, 200, True)
+    s2.add_click(310, 210, True)
+    assert s2.roi == (0, 399, 0, 599)
+
+
+def test_engine_refuses_files_without_contract(tmp_path, tiny_onnx):
+    plain = onnx.load(str(tiny_onnx))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ContractError, match="not written by cfr-export"):
+        Engine(tmp_path / "plain.onnx")
+    renamed = onnx.load(str(tiny_onnx))
+    renamed.graph.input[0].name = "input"
+    for node in renamed.graph.node:
+        node.input[:] = ["input" if i == "image" else i for i in node.input]
+    onnx.save(renamed, str(tmp_path / "renamed.onnx"))
+    with pytest.raises(ContractError, match="expected inputs"):
+        Engine(tmp_path / "renamed.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(ContractError, match="cannot load"):
+        Engine(tmp_path / "junk.onnx")
+    with pytest.raises(ContractError, match="no such model"):
+        Engine(tmp_path / "missing.onnx")
+
+
+def test_runtime_imports_no_torch(tiny_onnx):
+    """A Session runs in a process where importing torch (or trainer/export) fails."""
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'trainer', 'export'):
+                    raise ImportError('blocked: ' + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from cfr_runtime import Engine, Session
+        s = Session(Engine({str(tiny_onnx)!r}), cfr=1)
+        s.set_image(np.zeros((50, 70, 3), np.uint8))
+        m = s.add_click(10, 20, True)
+        assert m.shape == (50, 70)
+        assert not any(k.split('.')[0] in ('torch', 'trainer', 'export') for k in sys.modules)
+        print('ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_iou_progress_on_simple_object(tiny_engine):
+    """Sanity: on a blob, 20 official clicks never produce NaN IoUs and masks are image-sized bools."""
+    image, gt = blob_scene(6)
+    trail = _run_clicks(Session(tiny_engine), image, gt, 5)
+    for _, mask, probs in trail:
+        assert mask.dtype == bool and mask.shape == gt.shape
+        assert 0 <= iou(gt, mask) <= 1 and np.isfinite(probs).all()

@@ -1,0 +1,1 @@
+"""Training data: readers behind one interface, augmentations, SUEM copy-paste, click simulation."""

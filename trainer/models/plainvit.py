@@ -1,0 +1,302 @@
+"""SimpleClick / CFR-ICL `PlainVitModel`, written to compute the official forward with the official names.
+
+Module and attribute names mirror `isegm.model.is_plainvit_model` so that official state_dicts load with
+strict=True. Only inference-relevant behaviour is reproduced (no random token shuffling).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WINDOW_PIXELS = 224  # MAE pre-training size: windowed attention works on 224 px windows
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        # softmax in fp32 whatever the compute dtype (a no-op in fp32 models)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).float().softmax(dim=-1).to(v.dtype)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (ViT activations overflow half precision); same names as nn.LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 (its sums over whole feature maps overflow half precision)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = tuple(img_size)
+        self.patch_size = tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """MAE ViT with SimpleClick's windowed/global attention schedule (`forward_backbone`)."""
+
+    def __init__(self, img_size=(448, 448), patch_size=(16, 16), in_chans=3, num_classes=1000,
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, **_unused):
+        super().__init__()
+        if depth % 4 != 0 or depth < 8:
+            raise ValueError(f"ViT depth must be a multiple of 4 and at least 8, got {depth}")
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.fc_norm = LayerNorm(embed_dim, eps=1e-6)  # unused in the forward; kept for the names
+        self.head = nn.Linear(embed_dim, num_classes)  # unused in the forward; kept for the names
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _windows(self) -> tuple[int, int]:
+        gh, gw = self.patch_embed.grid_size
+        ph, pw = self.patch_embed.patch_size
+        return gh // (WINDOW_PIXELS // ph), gw // (WINDOW_PIXELS // pw)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) row-major tokens -> (B * windows, N / windows, C), windows in row-major order."""
+        b, n, c = x.shape
+        gh, gw = self.patch_embed.grid_size
+        wh, ww = self._windows()
+        x = x.view(b, wh, gh // wh, ww, gw // ww, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b * wh * ww, n // (wh * ww), c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        gh, gw = self.patch_embed.grid_size
+        wh, ww = self._windows()
+        x = x.view(b // (wh * ww), wh, ww, gh // wh, gw // ww, c).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b // (wh * ww), wh * ww * n, c)
+
+    def forward_backbone(self, x: torch.Tensor, additional_features: torch.Tensor | None = None,
+                         shuffle: bool = False) -> torch.Tensor:
+        if shuffle:
+            raise NotImplementedError("random token shuffling (random_split=True) is training-only and unsupported")
+        x = self.patch_embed(x)
+        if additional_features is not None:
+            x = x + additional_features
+        x = x + self.pos_embed[:, 1:]
+        depth = len(self.blocks)
+        group = 6 if depth == 12 else depth // 4
+        windowed = False
+        for i in range(1, depth + 1):
+            if i % group:
+                if not windowed:
+                    x = self.patchify(x)
+                    windowed = True
+            elif windowed:
+                x = self.unpatchify(x)
+                windowed = False
+            x = self.blocks[i - 1](x)
+        return x
+
+
+class SimpleFPN(nn.Module):
+    def __init__(self, in_dim: int = 768, out_dims=(128, 256, 512, 1024)):
+        super().__init__()
+        c4 = max(out_dims[0] * 2, in_dim // 2)
+        self.down_4 = nn.Sequential(
+            nn.ConvTranspose2d(in_dim, c4, 2, stride=2), GroupNorm(1, c4), nn.GELU(),
+            nn.ConvTranspose2d(c4, c4 // 2, 2, stride=2), GroupNorm(1, c4 // 2),
+            nn.Conv2d(c4 // 2, out_dims[0], 1), GroupNorm(1, out_dims[0]), nn.GELU(),
+        )
+        c8 = max(out_dims[1], in_dim // 2)
+        self.down_8 = nn.Sequential(
+            nn.ConvTranspose2d(in_dim, c8, 2, stride=2), GroupNorm(1, c8),
+            nn.Conv2d(c8, out_dims[1], 1), GroupNorm(1, out_dims[1]), nn.GELU(),
+        )
+        self.down_16 = nn.Sequential(nn.Conv2d(in_dim, out_dims[2], 1), GroupNorm(1, out_dims[2]), nn.GELU())
+        c32 = max(out_dims[3], in_dim * 2)
+        self.down_32 = nn.Sequential(
+            nn.Conv2d(in_dim, c32, 2, stride=2), GroupNorm(1, c32),
+            nn.Conv2d(c32, out_dims[3], 1), GroupNorm(1, out_dims[3]), nn.GELU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.down_4(x), self.down_8(x), self.down_16(x), self.down_32(x)]
+
+
+class ConvModule(nn.Module):
+    """mmcv's ConvModule as the head uses it: a 1x1 conv with bias, then ReLU (`.conv` keeps the name)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.activate = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.conv(x))
+
+
+class SwinTransfomerSegHead(nn.Module):  # (sic) the official class name
+    """SegFormer-style all-MLP head, upsample 'x1' (up_conv1/up_conv2 exist only for the state_dict)."""
+
+    def __init__(self, in_channels=(128, 256, 512, 1024), channels: int = 256, num_classes: int = 1,
+                 dropout_ratio: float = 0.1, align_corners: bool = False, upsample: str = "x1",
+                 in_index=(0, 1, 2, 3), **_unused):
+        super().__init__()
+        if upsample != "x1":
+            raise ValueError(f"only upsample='x1' (the released models) is supported, got {upsample!r}")
+        self.align_corners = align_corners
+        self.in_index = list(in_index)
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else nn.Identity()
+        self.convs = nn.ModuleList([ConvModule(c, channels) for c in in_channels])
+        self.fusion_conv = ConvModule(channels * len(in_channels), channels)
+        self.up_conv1 = nn.Sequential(
+            nn.ConvTranspose2d(channels, channels // 2, 2, stride=2), GroupNorm(1, channels // 2),
+            nn.Conv2d(channels // 2, channels // 2, 1), GroupNorm(1, channels // 2), nn.GELU(),
+        )
+        self.up_conv2 = nn.Sequential(
+            nn.ConvTranspose2d(channels // 2, channels // 4, 2, stride=2), GroupNorm(1, channels // 4),
+            nn.Conv2d(channels // 4, channels // 4, 1), GroupNorm(1, channels // 4), nn.GELU(),
+        )
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        inputs = [inputs[i] for i in self.in_index]
+        size = inputs[0].shape[2:]
+        outs = [
+            F.interpolate(conv(x), size=size, mode="bilinear", align_corners=self.align_corners)
+            for conv, x in zip(self.convs, inputs)
+        ]
+        return self.conv_seg(self.dropout(self.fusion_conv(torch.cat(outs, dim=1))))
+
+
+def click_disks(points: torch.Tensor, rows: int, cols: int, radius: float) -> torch.Tensor:
+    """Official `DistMaps` with use_disks: (B, 2N, 3) points -> (B, 2, H, W) positive/negative disks."""
+    b, n2, _ = points.shape
+    y = points[:, :, 0].reshape(b, n2, 1, 1)
+    x = points[:, :, 1].reshape(b, n2, 1, 1)
+    invalid = (torch.maximum(points[:, :, 0], points[:, :, 1]) < 0).reshape(b, n2, 1, 1)
+    r = torch.arange(rows, dtype=points.dtype, device=points.device).reshape(1, 1, rows, 1)
+    c = torch.arange(cols, dtype=points.dtype, device=points.device).reshape(1, 1, 1, cols)
+    d2 = (r - y) ** 2 + (c - x) ** 2
+    d2 = torch.where(invalid, torch.tensor(1e6, dtype=d2.dtype, device=d2.device), d2)
+    d2 = d2.reshape(b, 2, n2 // 2, rows, cols).amin(dim=2)
+    return (d2 <= radius * radius).to(points.dtype)
+
+
+class PlainVitModel(nn.Module):
+    """`forward(image, points)`: image B x 4 x H x W (RGB in [0, 1] + prev-mask probabilities) -> logits."""
+
+    def __init__(self, backbone_params: dict, neck_params: dict, head_params: dict,
+                 norm_radius: float = 5, use_disks: bool = True, with_prev_mask: bool = True,
+                 random_split: bool = False, **_unused):
+        super().__init__()
+        if not use_disks or not with_prev_mask:
+            raise ValueError("only use_disks=True, with_prev_mask=True models (SimpleClick/CFR-ICL) are supported")
+        self.norm_radius = norm_radius
+        self.with_prev_mask = True
+        self.random_split = random_split
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.patch_embed_coords = PatchEmbed(
+            backbone_params["img_size"], backbone_params["patch_size"], 3, backbone_params["embed_dim"]
+        )
+        self.backbone = VisionTransformer(**backbone_params)
+        self.neck = SimpleFPN(**neck_params)
+        self.head = SwinTransfomerSegHead(**head_params)
+
+    def backbone_forward(self, image: torch.Tensor, coord_features: torch.Tensor) -> torch.Tensor:
+        coords = self.patch_embed_coords(coord_features)
+        feats = self.backbone.forward_backbone(image, coords, self.random_split and self.training)
+        b, _, c = feats.shape
+        gh, gw = self.backbone.patch_embed.grid_size
+        feats = feats.transpose(-1, -2).reshape(b, c, gh, gw)
+        return self.head(self.neck(feats))
+
+    def forward(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Logits B x 1 x H x W. Inputs stay fp32; a half model casts after normalisation and disks."""
+        dtype = self.backbone.patch_embed.proj.weight.dtype
+        rgb = ((image[:, :3] - self._mean) / self._std).to(dtype)
+        disks = click_disks(points.float(), image.shape[2], image.shape[3], self.norm_radius)
+        coords = torch.cat([image[:, 3:4], disks], dim=1).to(dtype)
+        logits = self.backbone_forward(rgb, coords)
+        return F.interpolate(logits, size=image.shape[2:], mode="bilinear", align_corners=True)
+
+    def half_precision(self) -> PlainVitModel:
+        """fp16 weights and matmuls; normalisation layers and their parameters stay fp32."""
+        self.half()
+        for m in self.modules():
+            if isinstance(m, (LayerNorm, GroupNorm)):
+                m.float()
+        self._mean, self._std = self._mean.float(), self._std.float()
+        return self
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Official `interpolate_pos_embed_inference`: bicubic (align_corners=False) resize of the patch grid."""
+    n = pos_embed.shape[1] - 1
+    old = int(math.isqrt(n))
+    if old * old != n:
+        raise ValueError(f"position embedding of {n} tokens is not a square grid")
+    if (old, old) == tuple(grid):
+        return pos_embed
+    tokens = pos_embed[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    tokens = F.interpolate(tokens, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[:, :1], tokens.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
