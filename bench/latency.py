@@ -138,10 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in args.modes.split(","):
         kw = MODES[mode]
         for name, engine in engines.items():
-            res = time_session(lambda e=engine: Session(e, **kw), work, traces, sync)
+            res = time_session(lambda e=engine, kw=kw: Session(e, **kw), work, traces, sync)
             rows.append({"backend": name, "engine": repr(engine), "mode": mode, **res})
         if not args.no_reference:
-            ref = lambda: ReferencePredictor(model, size=args.size, device=args.device, **kw)  # noqa: E731
+            ref = lambda kw=kw: ReferencePredictor(model, size=args.size, device=args.device, **kw)  # noqa: E731
             res = time_session(ref, work, traces, sync)
             rows.append({"backend": f"torch-loop-{args.device}", "engine": "official-style eager loop",
                          "mode": mode, **res})

@@ -19,8 +19,7 @@ from cfr_runtime.contract import (
 )
 from cfr_runtime.errors import CfrError
 from trainer.checkpoint import load_model
-
-from .graph import ContractGraph
+from trainer.models.graph import ContractGraph
 
 OPSET = 17
 

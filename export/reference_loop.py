@@ -35,13 +35,14 @@ class ReferencePredictor:
         self.clicks.append((y, x, positive))
         steps = 1 + self.cfr if self.cfr > 0 and (self.cfr_clicks is None or len(self.clicks) <= self.cfr_clicks) \
             else 1
-        before = None
-        for step in range(steps):
+        before, used = None, 0
+        for _ in range(steps):
             pred = self._forward()
+            used += 1
             if self.adaptive and before is not None and ((pred > 0.49) != (before > 0.49)).sum() <= 20:
                 break
             before = pred
-        self.forwards.append(step + 1)
+        self.forwards.append(used)
         return pred > self.threshold
 
     @torch.inference_mode()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from cfr_runtime.contract import INPUT_NAMES, OUTPUT_PROBS, Contract
+from trainer.models.graph import ContractGraph
 
-from .graph import ContractGraph
 from .onnx_export import ExportError, torch_reference, verification_cases
 
 # probabilities in [0, 1]; fp32 differs by reduction order only, fp16 by half-precision rounding

@@ -116,7 +116,8 @@ class VisionTransformer(nn.Module):
     def _windows(self) -> tuple[int, int]:
         gh, gw = self.patch_embed.grid_size
         ph, pw = self.patch_embed.patch_size
-        return gh // (WINDOW_PIXELS // ph), gw // (WINDOW_PIXELS // pw)
+        # inputs smaller than one 224 px window (test sizes) run as a single window: global attention
+        return max(1, gh // (WINDOW_PIXELS // ph)), max(1, gw // (WINDOW_PIXELS // pw))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) row-major tokens -> (B * windows, N / windows, C), windows in row-major order."""
@@ -278,6 +279,11 @@ class PlainVitModel(nn.Module):
         coords = torch.cat([image[:, 3:4], disks], dim=1).to(dtype)
         logits = self.backbone_forward(rgb, coords)
         return F.interpolate(logits, size=image.shape[2:], mode="bilinear", align_corners=True)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters kept only for the official names (cls token, classifier, fc_norm, up_conv1/2)."""
+        mods = [self.backbone.fc_norm, self.backbone.head, self.head.up_conv1, self.head.up_conv2]
+        return [self.backbone.cls_token] + [p for m in mods for p in m.parameters()]
 
     def half_precision(self) -> PlainVitModel:
         """fp16 weights and matmuls; normalisation layers and their parameters stay fp32."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.models.plainvit import PlainVitModel
+from .plainvit import PlainVitModel
 
 
 class ContractGraph(nn.Module):
