@@ -25,6 +25,7 @@ class Runner(Protocol):
     image: np.ndarray  # (1, 3, S, S) float32
     prev_mask: np.ndarray  # (1, 1, S, S) float32
     points: np.ndarray  # (1, 2P, 3) float32
+    image_dirty: bool  # set by the Session after writing `image`; device backends upload it then
 
     def run(self) -> np.ndarray: ...
 

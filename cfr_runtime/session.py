@@ -189,6 +189,7 @@ class Session:
         if roi != self._cached_roi:  # the image crop is uploaded once per ROI change
             to_net(self._image, out=self._roi_hwc)
             runner.image[0] = self._roi_hwc.transpose(2, 0, 1)
+            runner.image_dirty = True  # device backends upload the image only when this is set
             self._cached_roi = roi
         to_net(self._probs, out=runner.prev_mask[0, 0])
         self._write_points(roi)

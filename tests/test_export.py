@@ -96,3 +96,15 @@ def test_vit_base_export_and_verify(tmp_path):
     result = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "out"), "--fp16"])
     print(result.output)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_aoti_package_on_cpu(reference_dir, tmp_path):
+    """The compiled PyTorch path (AOTInductor) builds and matches torch; on a GPU the same code adds CUDA graphs."""
+    pytest.importorskip("torch._inductor")
+    result = CliRunner().invoke(export_main, [str(reference_dir / "tiny_d8_s1" / "model.pth"), "-o", str(tmp_path),
+                                              "--engine", "aoti", "--device", "cpu", "--size", "224"])
+    print(result.output)
+    assert result.exit_code == 0, result.output
+    assert "aoti: max |aoti - torch fp32|" in result.output
+    assert (tmp_path / "model_fp32.pt2").exists()

@@ -19,6 +19,7 @@ class TorchRunner:
         self.image, self.prev_mask, self.points, self._probs = (
             bufs["image"], bufs["prev_mask"], bufs["points"], bufs["probs"])
         self._graph, self._device = graph, device
+        self.image_dirty = True  # host buffers are read every run: nothing to upload lazily
 
     def run(self) -> np.ndarray:
         with torch.inference_mode():

@@ -11,6 +11,18 @@ from ..engine import alloc_buffers
 from ..errors import ContractError
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def provider_with_options(name: str, model: Path, cuda_graph: bool) -> str | tuple[str, dict]:
+    """Provider options for static, single-stream interactive use: CUDA graphs on, TensorRT engines cached
+    next to the model (fp16 when the graph is fp16 already carries the precision)."""
+    if name == "CUDAExecutionProvider":
+        return name, {"enable_cuda_graph": "1" if cuda_graph else "0"}
+    if name == "TensorrtExecutionProvider":
+        return name, {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(model.parent / "trt_cache"),
+                      "trt_timing_cache_enable": "1", "trt_cuda_graph_enable": "1" if cuda_graph else "0"}
+    return name
 
 
 def read_contract(session, source: str) -> Contract:
@@ -26,33 +38,65 @@ def read_contract(session, source: str) -> Contract:
     return contract
 
 
-class OrtRunner:
-    """Buffers bound to an IO binding once; CPU binding shares the numpy memory (zero-copy)."""
+def read_contract_from_file(path: Path) -> Contract:
+    """The contract of an ONNX file, read with the onnx package when present, else with ONNX Runtime."""
+    import onnxruntime as ort
 
-    def __init__(self, session, contract: Contract):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return read_contract(session, str(path))
+
+
+class OrtRunner:
+    """Buffers bound to an IO binding once. On the CPU provider the binding shares the numpy memory
+    (zero-copy); on CUDA/TensorRT providers the tensors are device OrtValues at fixed addresses (which
+    ONNX Runtime's CUDA graphs require): a forward uploads points and prev mask, the image only when the
+    Session marks it changed, and downloads the probabilities."""
+
+    def __init__(self, session, contract: Contract, device: str = "cpu"):
+        import onnxruntime as ort
+
         self._session = session
         bufs = alloc_buffers(contract)
         self.image, self.prev_mask, self.points = (bufs[n] for n in INPUT_NAMES)
         self._probs = bufs[OUTPUT_PROBS]
+        self.image_dirty = True
         self._binding = session.io_binding()
+        self._device = device
+        if device == "cpu":
+            for name in INPUT_NAMES:
+                arr = bufs[name]
+                self._binding.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+            self._binding.bind_output(OUTPUT_PROBS, "cpu", 0, np.float32, list(self._probs.shape),
+                                      self._probs.ctypes.data)
+            return
+        self._dev = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), np.float32, device, 0)
+                     for name, arr in bufs.items()}
         for name in INPUT_NAMES:
-            arr = bufs[name]
-            self._binding.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        self._binding.bind_output(OUTPUT_PROBS, "cpu", 0, np.float32, list(self._probs.shape),
-                                  self._probs.ctypes.data)
+            self._binding.bind_ortvalue_input(name, self._dev[name])
+        self._binding.bind_ortvalue_output(OUTPUT_PROBS, self._dev[OUTPUT_PROBS])
 
     def run(self) -> np.ndarray:
+        if self._device != "cpu":
+            if self.image_dirty:
+                self._dev["image"].update_inplace(self.image)
+                self.image_dirty = False
+            self._dev["prev_mask"].update_inplace(self.prev_mask)
+            self._dev["points"].update_inplace(self.points)
         self._session.run_with_iobinding(self._binding)
+        if self._device != "cpu":
+            self._probs[...] = self._dev[OUTPUT_PROBS].numpy()
         return self._probs
 
 
 class OrtModel:
-    def __init__(self, path: Path, providers: list | None = None, threads: int | None = None):
+    def __init__(self, path: Path, providers: list | None = None, threads: int | None = None,
+                 cuda_graph: bool = True):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in PREFERRED_PROVIDERS if p in available]
+            providers = [provider_with_options(p, path, cuda_graph) for p in providers]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -63,9 +107,10 @@ class OrtModel:
             raise ContractError(f"{path}: ONNX Runtime cannot load this file: {exc}") from None
         self.contract = read_contract(self.session, str(path))
         self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
 
     def describe(self) -> str:
         return "onnxruntime " + "+".join(p.replace("ExecutionProvider", "") for p in self.providers)
 
     def new_runner(self) -> OrtRunner:
-        return OrtRunner(self.session, self.contract)
+        return OrtRunner(self.session, self.contract, self.device)

@@ -285,9 +285,9 @@ class PlainVitModel(nn.Module):
         mods = [self.backbone.fc_norm, self.backbone.head, self.head.up_conv1, self.head.up_conv2]
         return [self.backbone.cls_token] + [p for m in mods for p in m.parameters()]
 
-    def half_precision(self) -> PlainVitModel:
-        """fp16 weights and matmuls; normalisation layers and their parameters stay fp32."""
-        self.half()
+    def half_precision(self, dtype: torch.dtype = torch.float16) -> PlainVitModel:
+        """fp16 (or bf16) weights and matmuls; normalisation layers and their parameters stay fp32."""
+        self.to(dtype)
         for m in self.modules():
             if isinstance(m, (LayerNorm, GroupNorm)):
                 m.float()

@@ -1,0 +1,91 @@
+"""`cfr-export --engine aoti`: the contract graph compiled ahead of time with AOTInductor (torch.export),
+in fp32, fp16 or bf16, and an Engine that runs the package with device-resident buffers and a CUDA graph.
+
+This is the compiled PyTorch path for GPUs without TensorRT; it needs torch at run time, so it lives in
+`export`, not in the torch-free `cfr_runtime`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cfr_runtime
+from cfr_runtime.contract import INPUT_NAMES, Contract
+from cfr_runtime.engine import Engine, alloc_buffers
+from trainer.checkpoint import load_model
+from trainer.models.graph import ContractGraph
+
+from .onnx_export import example_inputs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_aoti(checkpoint: str | Path, out_dir: str | Path, size: int = 448, max_points: int = 24,
+                flip: bool = True, precision: str = "fp16", device: str = "cuda") -> Path:
+    model, info = load_model(checkpoint, input_size=size)
+    if precision != "fp32":
+        model.half_precision(DTYPES[precision])
+    graph = ContractGraph(model, flip=flip).eval().to(device)
+    contract = Contract(input_size=size, max_points=max_points, flip=flip, precision=precision,
+                        arch=dict(name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
+                        package_version=cfr_runtime.__version__)
+    ex = example_inputs(contract)
+    args = tuple(torch.from_numpy(ex[k]).to(device) for k in INPUT_NAMES)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.export.export(graph, args)
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / f"model_{precision}.pt2"))
+    Path(path + ".json").write_text(json.dumps({"contract": json.loads(contract.to_json()), "device": device,
+                                                "torch": torch.__version__}, indent=1))
+    return Path(path)
+
+
+class AotiRunner:
+    """Static device tensors; on CUDA the forward is captured once as a CUDA graph and replayed."""
+
+    def __init__(self, fn, contract: Contract, device: torch.device, cuda_graph: bool):
+        host = alloc_buffers(contract)
+        self.image, self.prev_mask, self.points, self._probs = (host[k] for k in (*INPUT_NAMES, "probs"))
+        self._dev = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
+        self._fn, self._device, self.image_dirty = fn, device, True
+        self._graph = None
+        self._want_graph = cuda_graph and device.type == "cuda"
+
+    def _forward(self) -> None:
+        out = self._fn(*(self._dev[k] for k in INPUT_NAMES))
+        self._dev["probs"].copy_(out[0] if isinstance(out, (list, tuple)) else out)
+
+    def run(self) -> np.ndarray:
+        d = self._dev
+        if self.image_dirty:
+            d["image"].copy_(torch.from_numpy(self.image), non_blocking=True)
+            self.image_dirty = False
+        d["prev_mask"].copy_(torch.from_numpy(self.prev_mask), non_blocking=True)
+        d["points"].copy_(torch.from_numpy(self.points), non_blocking=True)
+        with torch.inference_mode():
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._forward()
+                if self._want_graph:
+                    torch.cuda.synchronize()
+                    self._graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(self._graph):
+                        self._forward()
+        self._probs[...] = d["probs"].float().cpu().numpy()
+        return self._probs
+
+
+def aoti_engine(package: str | Path, cuda_graph: bool = True) -> Engine:
+    package = Path(package)
+    meta = json.loads(Path(str(package) + ".json").read_text())
+    contract = Contract.from_json(json.dumps(meta["contract"]), str(package))
+    device = torch.device(meta["device"])
+    fn = torch._inductor.aoti_load_package(str(package))
+    return Engine.from_runner_factory(contract, lambda: AotiRunner(fn, contract, device, cuda_graph), "aoti",
+                                      f"AOTInductor {contract.precision} on {device}")

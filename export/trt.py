@@ -1,0 +1,87 @@
+"""ONNX -> TensorRT plan (TensorRT 10 and 11) with a fixed-shape profile, a timing cache and a sidecar.
+
+TensorRT 11 has no FP16 builder flag: networks are strongly typed and take their precision from the
+graph, so the fp16 ONNX from `cfr-export --fp16` is what makes an fp16 plan. On TensorRT 10 an fp32
+graph may still be built with the FP16 flag (`fp16_flag=True`); an fp16 graph is built strongly typed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cfr_runtime.contract import Contract
+from cfr_runtime.errors import CfrError
+from cfr_runtime.plan import PlanInfo, sidecar_path
+from trainer.checkpoint import file_sha256
+
+WORKSPACE_BYTES = 4 << 30
+
+
+class TrtUnavailable(CfrError):
+    """TensorRT (or a CUDA GPU) is not available in this process."""
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TrtUnavailable(f"TensorRT is not installed ({exc}); pip install 'cfr-icl[trt]' on a CUDA machine, "
+                             "or use the ONNX graph with onnxruntime") from None
+    return trt
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(name, "major.minor") of CUDA device 0, from torch (export already depends on it)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TrtUnavailable("no CUDA GPU is visible; a TensorRT plan must be built on the GPU that will run it")
+    major, minor = torch.cuda.get_device_capability(0)
+    return torch.cuda.get_device_name(0), f"{major}.{minor}"
+
+
+def build_plan(onnx_path: str | Path, out_dir: str | Path, fp16_flag: bool = False,
+               timing_cache: str | Path | None = None) -> Path:
+    """Build `<onnx stem>.plan` next to a JSON sidecar; reuse/update a timing cache file."""
+    from cfr_runtime.backends.ort import read_contract_from_file
+
+    trt = _import_trt()
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    contract: Contract = read_contract_from_file(onnx_path)
+    gpu_name, cc = gpu_identity()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    flags = 0
+    strongly_typed = contract.precision == "fp16" or major >= 11
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CfrError(f"{onnx_path}: TensorRT cannot parse the graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if fp16_flag and not strongly_typed:
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise CfrError(f"TensorRT {trt.__version__} has no FP16 flag; export with --fp16 for an fp16 plan")
+        config.set_flag(trt.BuilderFlag.FP16)
+    cache_path = Path(timing_cache) if timing_cache else out_dir / "timing.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for name, shape in contract.shapes().items():
+        if name != "probs":
+            profile.set_shape(name, shape, shape, shape)  # one fixed shape: a static engine
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CfrError(f"{onnx_path}: TensorRT failed to build a plan (see the log above)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = out_dir / f"{onnx_path.stem}.plan"
+    plan.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    info = PlanInfo(contract, trt.__version__, gpu_name, cc, file_sha256(onnx_path))
+    sidecar_path(plan).write_text(info.to_json())
+    return plan

@@ -1,0 +1,135 @@
+"""GPU paths: what can be checked without a GPU runs everywhere; the rest skips with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cfr_runtime import CfrError, ContractError, Engine, EngineMismatchError
+from cfr_runtime.backends.ort import provider_with_options
+from cfr_runtime.contract import Contract
+from cfr_runtime.plan import PlanInfo, check_plan, read_sidecar, sidecar_path
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _info(**kw) -> PlanInfo:
+    base = dict(contract=Contract(input_size=448), tensorrt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3",
+                compute_capability="9.0", onnx_sha256="ab" * 32)
+    base.update(kw)
+    return PlanInfo(**base)
+
+
+def test_plan_check_accepts_the_same_gpu_and_version():
+    check_plan(_info(), "10.3.0", "NVIDIA H100 80GB HBM3", "9.0", "m.plan")
+
+
+def test_plan_check_refuses_other_tensorrt():
+    with pytest.raises(EngineMismatchError, match=r"TensorRT 10.3.0 built it, this process has TensorRT 11.0.0"):
+        check_plan(_info(), "11.0.0", "NVIDIA H100 80GB HBM3", "9.0", "m.plan")
+
+
+def test_plan_check_refuses_other_gpu():
+    with pytest.raises(EngineMismatchError, match=r"built for NVIDIA H100.*sm_90.*this GPU is NVIDIA A10G \(sm_86\)"):
+        check_plan(_info(), "10.3.0", "NVIDIA A10G", "8.6", "m.plan")
+
+
+def test_sidecar_roundtrip_and_missing(tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"\0")
+    with pytest.raises(ContractError, match="no sidecar"):
+        read_sidecar(plan)
+    sidecar_path(plan).write_text(_info().to_json())
+    info = read_sidecar(plan)
+    assert info == _info()
+    sidecar_path(plan).write_text("{}")
+    with pytest.raises(ContractError, match="malformed"):
+        read_sidecar(plan)
+
+
+def test_trt_backend_without_tensorrt_says_so(tmp_path):
+    if HAS_TRT:
+        pytest.skip("TensorRT is installed here; the message for its absence cannot be shown")
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"\0")
+    with pytest.raises(CfrError, match="TensorRT is not installed"):
+        Engine(plan)  # .plan -> backend 'auto' picks trt
+
+
+def test_build_plan_without_tensorrt_says_so(tiny_onnx, tmp_path):
+    if HAS_TRT:
+        pytest.skip("TensorRT is installed here")
+    from export.trt import TrtUnavailable, build_plan
+
+    with pytest.raises(TrtUnavailable, match="TensorRT is not installed"):
+        build_plan(tiny_onnx, tmp_path)
+
+
+def test_gpu_provider_options(tmp_path):
+    assert provider_with_options("CPUExecutionProvider", tmp_path / "m.onnx", True) == "CPUExecutionProvider"
+    name, opts = provider_with_options("CUDAExecutionProvider", tmp_path / "m.onnx", True)
+    assert opts == {"enable_cuda_graph": "1"}
+    name, opts = provider_with_options("TensorrtExecutionProvider", tmp_path / "m.onnx", True)
+    assert opts["trt_engine_cache_enable"] == "1" and opts["trt_cuda_graph_enable"] == "1"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT or not _cuda(), reason="needs TensorRT and a CUDA GPU (neither is installable here)")
+def test_trt_plan_matches_onnxruntime(tiny_onnx, tmp_path):
+    from cfr_runtime import Session
+    from export.trt import build_plan
+
+    plan = build_plan(tiny_onnx, tmp_path)
+    trt_s, ort_s = Session(Engine(plan)), Session(Engine(tiny_onnx, providers=["CPUExecutionProvider"]))
+    img = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    for s in (trt_s, ort_s):
+        s.set_image(img)
+        s.add_click(150, 100)
+    assert np.abs(trt_s.probs - ort_s.probs).max() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_torch_cuda_engine_matches_cpu(reference_dir):
+    from cfr_runtime import Session
+    from export.torch_backend import torch_engine
+
+    img = np.random.default_rng(1).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    probs = []
+    for device in ("cpu", "cuda"):
+        s = Session(torch_engine(reference_dir / "tiny_d8_s1" / "model.pth", device=device))
+        s.set_image(img)
+        s.add_click(150, 100)
+        probs.append(s.probs.copy())
+    assert np.abs(probs[0] - probs[1]).max() < 1e-3
+
+
+@pytest.mark.gpu
+def test_ort_cuda_provider(tiny_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) is not installed")
+    from cfr_runtime import Session
+
+    gpu = Session(Engine(tiny_onnx, providers=["CUDAExecutionProvider"]))
+    cpu = Session(Engine(tiny_onnx, providers=["CPUExecutionProvider"]))
+    img = np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    for s in (gpu, cpu):
+        s.set_image(img)
+        s.add_click(80, 60)
+        s.add_click(10, 10, False)
+    assert np.abs(gpu.probs - cpu.probs).max() < 1e-3
+    assert Path(tiny_onnx).exists()
