@@ -61,20 +61,25 @@ def click_trace(gt: np.ndarray, session, n: int) -> list[tuple[int, int, bool]]:
     return trace
 
 
-def time_session(make, work, traces, sync=lambda: None) -> dict:
-    first, later, per_fwd = [], [], []
+def time_sessions(makers: dict, work, traces, sync=lambda: None) -> dict:
+    """Per-click timings of several backends, interleaved click by click so that machine noise hits
+    them alike (the ratios are what is compared)."""
+    times = {name: {"first": [], "later": [], "fwd": []} for name in makers}
     for (_, img, _), trace in zip(work, traces):
-        s = make()
-        s.set_image(img)
+        sessions = {name: make() for name, make in makers.items()}
+        for s in sessions.values():
+            s.set_image(img)
         for k, (y, x, p) in enumerate(trace):
-            sync()
-            t = time.perf_counter()
-            s.add_click(x, y, p)
-            sync()
-            dt = time.perf_counter() - t
-            (first if k == 0 else later).append(dt)
-            per_fwd.append(dt / s.forwards[-1])
-    return {"first_click_ms": pct(first), "later_click_ms": pct(later), "per_forward_ms": pct(per_fwd)}
+            for name, s in sessions.items():
+                sync()
+                t = time.perf_counter()
+                s.add_click(x, y, p)
+                sync()
+                dt = time.perf_counter() - t
+                times[name]["first" if k == 0 else "later"].append(dt)
+                times[name]["fwd"].append(dt / s.forwards[-1])
+    return {name: {"first_click_ms": pct(t["first"]), "later_click_ms": pct(t["later"]),
+                   "per_forward_ms": pct(t["fwd"])} for name, t in times.items()}
 
 
 def bare_forward_ms(engine, repeats: int = 10) -> float:
@@ -135,21 +140,19 @@ def main(argv: list[str] | None = None) -> dict:
         traces.append(click_trace(gt, s, args.clicks))
 
     rows = []
+    ref_name = f"torch-loop-{args.device}"
     for mode in args.modes.split(","):
         kw = MODES[mode]
-        for name, engine in engines.items():
-            res = time_session(lambda e=engine, kw=kw: Session(e, **kw), work, traces, sync)
-            rows.append({"backend": name, "engine": repr(engine), "mode": mode, **res})
+        makers = {name: (lambda e=engine, kw=kw: Session(e, **kw)) for name, engine in engines.items()}
         if not args.no_reference:
-            ref = lambda kw=kw: ReferencePredictor(model, size=args.size, device=args.device, **kw)  # noqa: E731
-            res = time_session(ref, work, traces, sync)
-            rows.append({"backend": f"torch-loop-{args.device}", "engine": "official-style eager loop",
-                         "mode": mode, **res})
+            makers[ref_name] = lambda kw=kw: ReferencePredictor(model, size=args.size, device=args.device, **kw)
+        for name, res in time_sessions(makers, work, traces, sync).items():
+            desc = repr(engines[name]) if name in engines else "official-style eager loop"
+            rows.append({"backend": name, "engine": desc, "mode": mode, **res})
     bare = {name: bare_forward_ms(e) for name, e in engines.items()}
     for r in rows:
         if r["backend"] in bare:
             r["overhead"] = r["per_forward_ms"]["p50"] / bare[r["backend"]]
-    ref_name = f"torch-loop-{args.device}"
     for r in rows:
         base = next((b for b in rows if b["backend"] == ref_name and b["mode"] == r["mode"]), None)
         if base is not None and r is not base:
