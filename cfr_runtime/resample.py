@@ -27,27 +27,46 @@ class Axis:
 
 
 class Resampler:
-    """Resize the window rows [r0, r0+h) x cols [c0, c0+w) of a map to out_h x out_w."""
+    """Resize the window rows [r0, r0+h) x cols [c0, c0+w) of a map to out_h x out_w.
+
+    Scratch buffers are kept per source shape, so repeated calls (every forward under one ROI) allocate
+    nothing.
+    """
 
     def __init__(self, r0: int, h: int, c0: int, w: int, out_h: int, out_w: int):
         self.rows = Axis(h, out_h, r0)
         self.cols = Axis(w, out_w, c0)
+        self._scratch: dict[tuple, tuple[np.ndarray, ...]] = {}
+
+    def _buffers(self, src: np.ndarray) -> tuple[np.ndarray, ...]:
+        key = src.shape[1:]
+        if key not in self._scratch:
+            oh, ow = len(self.rows.i0), len(self.cols.i0)
+            tail = src.shape[2:]
+            rows = (oh, *src.shape[1:])
+            self._scratch[key] = (np.empty(rows, np.float32), np.empty(rows, np.float32),
+                                  np.empty((oh, ow, *tail), np.float32))
+        return self._scratch[key]
 
     def __call__(self, src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """src: H x W or H x W x C float32; returns out_h x out_w (x C) float32."""
+        """src: H x W or H x W x C float32; returns (or fills) out_h x out_w (x C) float32."""
         r, c = self.rows, self.cols
-        a = src[r.i0]
-        a *= r.w0[:, None] if src.ndim == 2 else r.w0[:, None, None]
-        b = src[r.i1]
-        b *= r.w1[:, None] if src.ndim == 2 else r.w1[:, None, None]
+        a, b, right = self._buffers(src)
+        extra = (None,) * (src.ndim - 1)
+        np.take(src, r.i0, axis=0, out=a)
+        a *= r.w0[(slice(None), *extra)]
+        np.take(src, r.i1, axis=0, out=b)
+        b *= r.w1[(slice(None), *extra)]
         a += b
-        left = a[:, c.i0]
-        left *= c.w0 if src.ndim == 2 else c.w0[:, None]
-        right = a[:, c.i1]
-        right *= c.w1 if src.ndim == 2 else c.w1[:, None]
         if out is None:
-            return np.add(left, right)
-        return np.add(left, right, out=out)
+            out = np.empty(right.shape, np.float32)
+        cextra = (None,) * (src.ndim - 2)
+        np.take(a, c.i0, axis=1, out=out)
+        out *= c.w0[(slice(None), *cextra)]
+        np.take(a, c.i1, axis=1, out=right)
+        right *= c.w1[(slice(None), *cextra)]
+        out += right
+        return out
 
 
 def resize_bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

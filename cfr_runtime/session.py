@@ -90,6 +90,7 @@ class Session:
         h, w = rgb.shape[:2]
         self._probs = np.zeros((h, w), np.float32)
         self._spare = np.zeros((h, w), np.float32)  # ping-pong partner of _probs
+        self._masks = (np.zeros((h, w), bool), np.zeros((h, w), bool))  # A-CFR's consecutive masks
         self._roi_hwc = np.empty((self._size, self._size, 3), np.float32)
         self.reset()
 
@@ -166,14 +167,14 @@ class Session:
         steps = 1
         if self.cfr > 0 and (self.cfr_clicks is None or n <= self.cfr_clicks):
             steps += self.cfr
-        before = None
+        now, before = self._masks
         for i in range(steps):
             self._forward()
             if self.adaptive and steps > 1:
-                now = self._probs > self.threshold
-                if before is not None and np.count_nonzero(now != before) <= self.cfr_threshold:
+                np.greater(self._probs, self.threshold, out=now)
+                if i > 0 and np.count_nonzero(now != before) <= self.cfr_threshold:
                     return i + 1
-                before = now
+                now, before = before, now
         return steps
 
     def _forward(self) -> None:
@@ -184,19 +185,20 @@ class Session:
         roi = next_roi(self._roi, self._probs, positives, self.zoom) if self.zoom_in else whole
         self._roi = roi
         r0, r1, c0, c1 = roi
-        to_net = Resampler(r0, r1 - r0 + 1, c0, c1 - c0 + 1, s, s)
         runner = self._runner
-        if roi != self._cached_roi:  # the image crop is uploaded once per ROI change
-            to_net(self._image, out=self._roi_hwc)
+        if roi != self._cached_roi:  # resampling tables and the image crop change only with the ROI
+            self._to_net = Resampler(r0, r1 - r0 + 1, c0, c1 - c0 + 1, s, s)
+            self._from_net = Resampler(0, s, 0, s, r1 - r0 + 1, c1 - c0 + 1)
+            self._to_net(self._image, out=self._roi_hwc)
             runner.image[0] = self._roi_hwc.transpose(2, 0, 1)
             runner.image_dirty = True  # device backends upload the image only when this is set
             self._cached_roi = roi
-        to_net(self._probs, out=runner.prev_mask[0, 0])
+        self._to_net(self._probs, out=runner.prev_mask[0, 0])
         self._write_points(roi)
         probs = runner.run()[0, 0]
-        out = self._spare
+        out = self._spare  # ping-pong: the new map goes into the spare buffer, the old becomes spare
         out.fill(0)
-        Resampler(0, s, 0, s, r1 - r0 + 1, c1 - c0 + 1)(probs, out=out[r0:r1 + 1, c0:c1 + 1])
+        self._from_net(probs, out=out[r0:r1 + 1, c0:c1 + 1])
         self._spare, self._probs = self._probs, out
 
     def _write_points(self, roi: Box) -> None:

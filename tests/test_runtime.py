@@ -181,3 +181,37 @@ def test_iou_progress_on_simple_object(tiny_engine):
     for _, mask, probs in trail:
         assert mask.dtype == bool and mask.shape == gt.shape
         assert 0 <= iou(gt, mask) <= 1 and np.isfinite(probs).all()
+
+
+def test_engine_shared_between_threads(tiny_engine):
+    """Sessions on one Engine in parallel threads give the masks they give one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scenes = [blob_scene(s, 90, 120) for s in range(4)]
+
+    def work(i):
+        image, gt = scenes[i]
+        return [m for _, m, _ in _run_clicks(Session(tiny_engine, cfr=1), image, gt, 3)]
+
+    sequential = [work(i) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(work, range(4)))
+    for a, b in zip(sequential, parallel):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_resampler_matches_torch_align_corners():
+    import torch
+    import torch.nn.functional as F
+
+    from cfr_runtime.resample import Resampler
+
+    rng = np.random.default_rng(0)
+    src = rng.random((37, 53, 3), dtype=np.float32)
+    for (r0, h, c0, w, oh, ow) in [(0, 37, 0, 53, 64, 64), (5, 20, 7, 30, 17, 90), (0, 1, 0, 53, 4, 9)]:
+        rs = Resampler(r0, h, c0, w, oh, ow)
+        want = F.interpolate(torch.from_numpy(src[r0:r0 + h, c0:c0 + w]).permute(2, 0, 1)[None], size=(oh, ow),
+                             mode="bilinear", align_corners=True)[0].permute(1, 2, 0).numpy()
+        for _ in range(2):  # the second call reuses the scratch buffers
+            assert np.abs(rs(src) - want).max() < 1e-5
+        assert np.abs(rs(src[..., 0]) - want[..., 0]).max() < 1e-5
