@@ -129,3 +129,31 @@ def test_cli_errors(bad, tmp_path):
     out = subprocess.run([sys.executable, "-m", "trainer.cli", "--run-dir", str(tmp_path), *bad], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and ("--data" in out.stderr or "dataset kind" in out.stderr or "Error" in out.stderr)
+
+
+def test_config_file_amp_and_accumulation(tmp_path):
+    """A TOML config drives the run; CLI options override it; bf16 autocast and accumulation run on CPU."""
+    cfg = tmp_path / "train.toml"
+    cfg.write_text('data = ["synthetic:8"]\nsize = 96\nsteps = 5\nbatch_size = 1\nlr = 1e-3\n'
+                   'accum = 2\namp = true\nlog_every = 1\nthreads = 1\n')
+    _run([sys.executable, "-m", "trainer.cli", "--config", str(cfg), "--run-dir", str(tmp_path / "r"), "--steps", "2",
+          "--no-progress"])
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    saved = torch.load(tmp_path / "r" / "model.pth", weights_only=True)["train_config"]
+    assert saved["amp"] and saved["accum"] == 2 and saved["steps"] == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('stepz = 3\n')
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "--config", str(bad)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "unknown config keys" in out.stderr
+
+
+def test_fine_tune_from_official_checkpoint(reference_dir, tmp_path):
+    _run([sys.executable, "-m", "trainer.cli", "--init", str(reference_dir / "tiny_d8_s1" / "model.pth"),
+          "--data", "synthetic:4", "--run-dir", str(tmp_path), "--size", "224", "--steps", "1", "--batch-size", "1",
+          "--threads", "1", "--no-progress"])
+    from trainer.checkpoint import load_model
+
+    model, info = load_model(tmp_path / "model.pth")
+    assert info["params"]["backbone_params"]["embed_dim"] == 48
