@@ -65,6 +65,11 @@ def time_sessions(makers: dict, work, traces, sync=lambda: None) -> dict:
     """Per-click timings of several backends, interleaved click by click so that machine noise hits
     them alike (the ratios are what is compared)."""
     times = {name: {"first": [], "later": [], "fwd": []} for name in makers}
+    for make in makers.values():  # untimed warm-up: first-call allocations and lazy initialisation
+        s = make()
+        s.set_image(work[0][1])
+        for y, x, p in traces[0][:2]:
+            s.add_click(x, y, p)
     for (_, img, _), trace in zip(work, traces):
         sessions = {name: make() for name, make in makers.items()}
         for s in sessions.values():
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="official or cfr-train checkpoint")
     ap.add_argument("--arch", default=None, help="benchmark a random-init named arch instead (e.g. vit_base)")
-    ap.add_argument("--size", type=int, default=448)
+    ap.add_argument("--size", type=int, default=None,
+                    help="input size (default: the checkpoint's own; 448 with --arch)")
     ap.add_argument("--dataset", type=Path, default=None, help="images + clicks from this dataset")
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--clicks", type=int, default=8)
@@ -123,6 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
         from trainer.default_model import default_checkpoint
 
         ckpt = args.checkpoint or default_checkpoint()
+    if args.size is None:
+        from trainer.checkpoint import read_checkpoint
+
+        args.size = 448 if args.arch else read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0]
     onnx_path, contract, _ = export_onnx(ckpt, tmp, size=args.size)
     engines = {"ort": Engine(onnx_path, threads=args.threads)}
     model, info = load_model(ckpt, input_size=args.size)
