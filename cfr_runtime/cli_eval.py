@@ -93,7 +93,8 @@ def main(model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=1))
-        click.echo(f"wrote {json_out}")
+        json_out.with_suffix(".md").write_text(f"{engine!r}, mode {mode}\n\n{format_table(dataset_dir.name, result)}\n")
+        click.echo(f"wrote {json_out} and {json_out.with_suffix('.md').name}")
         plot_out = plot_out or json_out.with_suffix(".png")
     if plot_out is not None:
         _plot(result, plot_out, f"{dataset_dir.name}: {mode}, {model.name}")

@@ -148,3 +148,4 @@ def test_cfr_eval_end_to_end(name, tiny_onnx, data_dir, tmp_path):
     assert len(inst["ious"]) == len(inst["clicks"]) == len(inst["forwards"]) <= 5
     assert inst["forwards"][0] in (2, 3) and all(f == 1 for f in inst["forwards"][1:])
     assert out.with_suffix(".png").stat().st_size > 1000
+    assert "NoC@85" in out.with_suffix(".md").read_text()
