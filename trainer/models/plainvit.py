@@ -137,7 +137,7 @@ class VisionTransformer(nn.Module):
     def forward_backbone(self, x: torch.Tensor, additional_features: torch.Tensor | None = None,
                          shuffle: bool = False) -> torch.Tensor:
         if shuffle:
-            raise NotImplementedError("random token shuffling (random_split=True) is training-only and unsupported")
+            raise ValueError("random token shuffling (random_split=True) is a training option cfr-icl does not support")
         x = self.patch_embed(x)
         if additional_features is not None:
             x = x + additional_features
