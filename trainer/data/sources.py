@@ -8,6 +8,7 @@ validation) and synthetic scenes.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +30,16 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
-class Source:
+class Source(ABC):
+    """A training source; `get` drops objects smaller than `min_area` pixels."""
+
     min_area: int = 0
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def load(self, index: int) -> Sample:
-        raise NotImplementedError
+    @abstractmethod
+    def load(self, index: int) -> Sample: ...
 
     def get(self, index: int) -> Sample:
         s = self.load(index)
