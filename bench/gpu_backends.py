@@ -8,14 +8,13 @@ from pathlib import Path
 
 def cuda_engines(checkpoint: Path, onnx_path: Path, size: int) -> dict:
     import onnxruntime as ort
-    import torch
 
     from cfr_runtime import Engine
     from trainer.checkpoint import load_model
     from trainer.inference import model_engine
 
     engines = {}
-    model, info = load_model(checkpoint, input_size=size)
+    model, _ = load_model(checkpoint, input_size=size)
     engines["torch-cuda-fp32"] = model_engine(model.to("cuda"), size)
     half, _ = load_model(checkpoint, input_size=size)
     engines["torch-cuda-fp16"] = model_engine(half.half_precision().to("cuda"), size)
@@ -25,5 +24,4 @@ def cuda_engines(checkpoint: Path, onnx_path: Path, size: int) -> dict:
         from export.trt import build_plan
 
         engines["trt"] = Engine(build_plan(onnx_path, onnx_path.parent / "trt"), backend="trt")
-    del torch
     return engines

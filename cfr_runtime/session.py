@@ -32,7 +32,6 @@ class Click:
 class _Step:
     probs: np.ndarray
     roi: Box | None
-    forwards: int
 
 
 def validate_image(rgb: object) -> np.ndarray:
@@ -108,7 +107,7 @@ class Session:
             kind = "positive" if positive else "negative"
             raise InputError(f"this engine takes at most {self._max_points} {kind} clicks; re-export with a "
                              "larger --max-points, or undo()/reset()")
-        self._history.append(_Step(self._probs.copy(), self._roi, 0))
+        self._history.append(_Step(self._probs.copy(), self._roi))
         self._clicks.append(Click(float(x), float(y), positive))
         self.forwards.append(self._predict())
         return self.mask

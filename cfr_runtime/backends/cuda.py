@@ -66,11 +66,6 @@ class Stream:
         _ok(cudart.cudaMemcpyAsync(dst.ctypes.data, src.ptr, dst.nbytes,
                                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle), "cudaMemcpyAsync D2H")
 
-    def d2d(self, dst: DeviceBuffer, src: DeviceBuffer) -> None:
-        cudart = _cudart()
-        _ok(cudart.cudaMemcpyAsync(dst.ptr, src.ptr, src.nbytes,
-                                   cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.handle), "cudaMemcpyAsync D2D")
-
     def sync(self) -> None:
         _ok(_cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
