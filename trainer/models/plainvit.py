@@ -17,6 +17,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WINDOW_PIXELS = 224  # MAE pre-training size: windowed attention works on 224 px windows
 
 
+def fused_attention_enabled() -> bool:
+    """Attention through `F.scaled_dot_product_attention` everywhere except in ONNX export.
+
+    In torch (eager, compiled, AOTInductor) SDPA picks flash / memory-efficient kernels. The ONNX exporter
+    would decompose it into a MatMul/Softmax chain whose softmax runs in the graph's compute dtype (fp16 in
+    half-precision exports); the explicit chain keeps the exported softmax in fp32, as the contract says.
+    """
+    return not torch.onnx.is_in_onnx_export()
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -40,9 +50,15 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        # softmax in fp32 whatever the compute dtype (a no-op in fp32 models)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).float().softmax(dim=-1).to(v.dtype)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        if fused_attention_enabled():
+            # flash / memory-efficient kernels: softmax statistics in fp32 inside the kernel, no n x n
+            # matrix in memory; the same function as below up to float rounding
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            # softmax in fp32 whatever the compute dtype (a no-op in fp32 models)
+            attn = ((q @ k.transpose(-2, -1)) * self.scale).float().softmax(dim=-1).to(v.dtype)
+            out = attn @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class LayerNorm(nn.LayerNorm):
@@ -237,7 +253,9 @@ def click_disks(points: torch.Tensor, rows: int, cols: int, radius: float) -> to
     r = torch.arange(rows, dtype=points.dtype, device=points.device).reshape(1, 1, rows, 1)
     c = torch.arange(cols, dtype=points.dtype, device=points.device).reshape(1, 1, 1, cols)
     d2 = (r - y) ** 2 + (c - x) ** 2
-    d2 = torch.where(invalid, torch.tensor(1e6, dtype=d2.dtype, device=d2.device), d2)
+    # a Python scalar, not torch.tensor(...): a tensor built here would be a host-to-device copy inside
+    # the forward, which breaks CUDA graph capture (tests/test_capturable.py guards this)
+    d2 = torch.where(invalid, 1e6, d2)
     d2 = d2.reshape(b, 2, n2 // 2, rows, cols).amin(dim=2)
     return (d2 <= radius * radius).to(points.dtype)
 
@@ -273,12 +291,15 @@ class PlainVitModel(nn.Module):
 
     def forward(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Logits B x 1 x H x W. Inputs stay fp32; a half model casts after normalisation and disks."""
+        return upsample_logits(self.lowres_logits(image, points), image.shape[2:])
+
+    def lowres_logits(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Head logits at 1/4 of the input size, in the model's compute dtype (before the final upsample)."""
         dtype = self.backbone.patch_embed.proj.weight.dtype
         rgb = ((image[:, :3] - self._mean) / self._std).to(dtype)
         disks = click_disks(points.float(), image.shape[2], image.shape[3], self.norm_radius)
         coords = torch.cat([image[:, 3:4], disks], dim=1).to(dtype)
-        logits = self.backbone_forward(rgb, coords)
-        return F.interpolate(logits, size=image.shape[2:], mode="bilinear", align_corners=True)
+        return self.backbone_forward(rgb, coords)
 
     def unused_parameters(self) -> list[nn.Parameter]:
         """Parameters kept only for the official names (cls token, classifier, fc_norm, up_conv1/2)."""
@@ -293,6 +314,11 @@ class PlainVitModel(nn.Module):
                 m.float()
         self._mean, self._std = self._mean.float(), self._std.float()
         return self
+
+
+def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """The official final resize: bilinear, align_corners=True, to the input size."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
