@@ -1,8 +1,10 @@
 """`cfr-export --engine aoti`: the contract graph compiled ahead of time with AOTInductor (torch.export),
-in fp32, fp16 or bf16, and an Engine that runs the package with device-resident buffers and a CUDA graph.
+in fp32, fp16 or bf16, and an Engine that runs the package with device-resident buffers and a CUDA graph
+(the runner template of every torch-executed engine, `trainer.inference.TorchRunner`).
 
-This is the compiled PyTorch path for GPUs without TensorRT; it needs torch at run time, so it lives in
-`export`, not in the torch-free `cfr_runtime`.
+It needs torch at run time, so it lives in `export`, not in the torch-free `cfr_runtime`. On an H100
+(torch 2.11, CUDA 13) loading the fp16 ViT-B package crashed; the in-process compiled engine is
+`export.compiled` (see its docstring), and `bench/gpu/h100_check.py` re-tests the package load.
 """
 
 from __future__ import annotations
@@ -10,18 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import cfr_runtime
 from cfr_runtime.contract import INPUT_NAMES, Contract
-from cfr_runtime.engine import Engine, alloc_buffers
+from cfr_runtime.engine import Engine
 from trainer.checkpoint import load_model
+from trainer.inference import graph_engine
 from trainer.models.graph import ContractGraph
 
+from .compiled import DTYPES
 from .onnx_export import example_inputs
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export_aoti(checkpoint: str | Path, out_dir: str | Path, size: int = 448, max_points: int = 24,
@@ -45,47 +46,10 @@ def export_aoti(checkpoint: str | Path, out_dir: str | Path, size: int = 448, ma
     return Path(path)
 
 
-class AotiRunner:
-    """Static device tensors; on CUDA the forward is captured once as a CUDA graph and replayed."""
-
-    def __init__(self, fn, contract: Contract, device: torch.device, cuda_graph: bool):
-        host = alloc_buffers(contract)
-        self.image, self.prev_mask, self.points, self._probs = (host[k] for k in (*INPUT_NAMES, "probs"))
-        self._dev = {k: torch.from_numpy(v).to(device) for k, v in host.items()}
-        self._fn, self._device, self.image_dirty = fn, device, True
-        self._graph = None
-        self._want_graph = cuda_graph and device.type == "cuda"
-
-    def _forward(self) -> None:
-        out = self._fn(*(self._dev[k] for k in INPUT_NAMES))
-        self._dev["probs"].copy_(out[0] if isinstance(out, (list, tuple)) else out)
-
-    def run(self) -> np.ndarray:
-        d = self._dev
-        if self.image_dirty:
-            d["image"].copy_(torch.from_numpy(self.image), non_blocking=True)
-            self.image_dirty = False
-        d["prev_mask"].copy_(torch.from_numpy(self.prev_mask), non_blocking=True)
-        d["points"].copy_(torch.from_numpy(self.points), non_blocking=True)
-        with torch.inference_mode():
-            if self._graph is not None:
-                self._graph.replay()
-            else:
-                self._forward()
-                if self._want_graph:
-                    torch.cuda.synchronize()
-                    self._graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(self._graph):
-                        self._forward()
-        self._probs[...] = d["probs"].float().cpu().numpy()
-        return self._probs
-
-
 def aoti_engine(package: str | Path, cuda_graph: bool = True) -> Engine:
     package = Path(package)
     meta = json.loads(Path(str(package) + ".json").read_text())
     contract = Contract.from_json(json.dumps(meta["contract"]), str(package))
     device = torch.device(meta["device"])
     fn = torch._inductor.aoti_load_package(str(package))
-    return Engine.from_runner_factory(contract, lambda: AotiRunner(fn, contract, device, cuda_graph), "aoti",
-                                      f"AOTInductor {contract.precision} on {device}")
+    return graph_engine(fn, contract, device, "aoti", f"AOTInductor {contract.precision} on {device}", cuda_graph)

@@ -1,39 +1,104 @@
-"""Torch inference behind the runtime's Engine interface (the reference backend and the validation path)."""
+"""Torch inference behind the runtime's Engine interface: the reference backend, the validation path, and
+the runner template shared by every torch-executed engine (eager, `torch.compile`, AOTInductor)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 import cfr_runtime
-from cfr_runtime.contract import Contract
-from cfr_runtime.engine import Engine, alloc_buffers
+from cfr_runtime.contract import INPUT_NAMES, OUTPUT_PROBS, Contract
+from cfr_runtime.engine import Engine
 
 from .models.graph import ContractGraph
 from .models.plainvit import PlainVitModel
 
 
 class TorchRunner:
-    def __init__(self, graph: ContractGraph, contract: Contract, device: torch.device):
-        bufs = alloc_buffers(contract)
-        self.image, self.prev_mask, self.points, self._probs = (
-            bufs["image"], bufs["prev_mask"], bufs["points"], bufs["probs"])
-        self._graph, self._device = graph, device
-        self.image_dirty = True  # host buffers are read every run: nothing to upload lazily
+    """Per-session buffers of a torch-executed contract function.
+
+    Host buffers are numpy views of (pinned, on CUDA) torch tensors; device tensors are allocated once, so
+    addresses never change and the forward can be captured as a CUDA graph and replayed. A run uploads
+    points and prev mask (bytes and one S x S map), the image only when the Session marks it changed,
+    replays the graph (or calls `fn`), and downloads the probabilities with one copy.
+
+    Each runner captures its own graph: a graph replays the buffers it was captured with, so two Sessions
+    must never share one.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], contract: Contract, device: torch.device,
+                 cuda_graph: bool = False):
+        self._fn, self._device = fn, torch.device(device)
+        cuda = self._device.type == "cuda"
+        shapes = contract.shapes()
+        host = {k: torch.zeros(shape, dtype=torch.float32, pin_memory=cuda) for k, shape in shapes.items()}
+        host["points"].fill_(-1.0)
+        self._host = host
+        self.image, self.prev_mask, self.points = (host[k].numpy() for k in INPUT_NAMES)
+        self._probs = host[OUTPUT_PROBS].numpy()
+        self._dev = {k: v.to(self._device) for k, v in host.items()} if cuda else host
+        self.image_dirty = True
+        self._want_graph = cuda_graph and cuda
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._stream = torch.cuda.Stream(self._device) if cuda else None
+
+    def _forward(self) -> None:
+        out = self._fn(*(self._dev[k] for k in INPUT_NAMES))
+        self._dev[OUTPUT_PROBS].copy_(out[0] if isinstance(out, (list, tuple)) else out)
+
+    def _capture(self) -> None:
+        """Warm up on the runner's stream (lazy init, compilation, cuDNN plans), then capture."""
+        with torch.cuda.stream(self._stream):
+            for _ in range(2):
+                self._forward()
+        self._stream.synchronize()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph, stream=self._stream, capture_error_mode="thread_local"):
+            self._forward()
 
     def run(self) -> np.ndarray:
         with torch.inference_mode():
-            args = (torch.from_numpy(a).to(self._device) for a in (self.image, self.prev_mask, self.points))
-            self._probs[...] = self._graph(*args).float().cpu().numpy()
+            if self._device.type != "cuda":
+                self._forward()
+                return self._probs
+            with torch.cuda.stream(self._stream):
+                dev, host = self._dev, self._host
+                if self.image_dirty:
+                    dev["image"].copy_(host["image"], non_blocking=True)
+                    self.image_dirty = False
+                dev["prev_mask"].copy_(host["prev_mask"], non_blocking=True)
+                dev["points"].copy_(host["points"], non_blocking=True)
+                if self._want_graph and self._graph is None:
+                    self._capture()
+                if self._graph is not None:
+                    self._graph.replay()
+                else:
+                    self._forward()
+                host[OUTPUT_PROBS].copy_(dev[OUTPUT_PROBS], non_blocking=True)
+            self._stream.synchronize()
         return self._probs
 
 
+def graph_engine(fn: Callable[..., torch.Tensor], contract: Contract, device: torch.device | str, name: str,
+                 description: str, cuda_graph: bool = False) -> Engine:
+    """An Engine whose runners call `fn(image, prev_mask, points) -> probs` on `device`."""
+    device = torch.device(device)
+    return Engine.from_runner_factory(contract, lambda: TorchRunner(fn, contract, device, cuda_graph), name,
+                                      description)
+
+
 def model_engine(model: PlainVitModel, size: int, max_points: int = 24, flip: bool = True,
-                 arch: dict | None = None, sha256: str = "") -> Engine:
-    """An Engine over an in-memory model (fp32 eager); the model must already run at `size`."""
+                 arch: dict | None = None, sha256: str = "", cuda_graph: bool = False) -> Engine:
+    """An Engine over an in-memory model run eagerly (fp32, or the model's half precision); the model must
+    already run at `size`. `cuda_graph=True` replays the forward as a CUDA graph on CUDA devices."""
     device = next(model.parameters()).device
+    dtype = model.backbone.patch_embed.proj.weight.dtype
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     graph = ContractGraph(model, flip=flip).eval()
-    contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=arch or {},
+    contract = Contract(input_size=size, max_points=max_points, flip=flip, precision=precision, arch=arch or {},
                         checkpoint_sha256=sha256, package_version=cfr_runtime.__version__)
-    return Engine.from_runner_factory(contract, lambda: TorchRunner(graph, contract, device), "torch",
-                                      f"torch {torch.__version__} eager on {device}")
+    how = "eager" + (" + CUDA graph" if cuda_graph and device.type == "cuda" else "")
+    return graph_engine(graph, contract, device, "torch", f"torch {torch.__version__} {how} {precision} on {device}",
+                        cuda_graph)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,22 @@ class OrtRunner:
     """Buffers bound to an IO binding once. On the CPU provider the binding shares the numpy memory
     (zero-copy); on CUDA/TensorRT providers the tensors are device OrtValues at fixed addresses (which
     ONNX Runtime's CUDA graphs require): a forward uploads points and prev mask, the image only when the
-    Session marks it changed, and downloads the probabilities."""
+    Session marks it changed, and downloads the probabilities.
 
-    def __init__(self, session, contract: Contract, device: str = "cpu"):
+    A captured CUDA graph replays the device addresses it was captured with, so each runner of a
+    graph-enabled engine has its own graph: `graph_id` goes into the `gpu_graph_id` run option, and two
+    Sessions on one Engine never replay each other's buffers."""
+
+    def __init__(self, session, contract: Contract, device: str = "cpu", graph_id: int | None = None,
+                 lock=None):
         import onnxruntime as ort
 
         self._session = session
+        self._run_options = None
+        self._lock = lock
+        if graph_id is not None:
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         bufs = alloc_buffers(contract)
         self.image, self.prev_mask, self.points = (bufs[n] for n in INPUT_NAMES)
         self._probs = bufs[OUTPUT_PROBS]
@@ -82,7 +93,11 @@ class OrtRunner:
                 self.image_dirty = False
             self._dev["prev_mask"].update_inplace(self.prev_mask)
             self._dev["points"].update_inplace(self.points)
-        self._session.run_with_iobinding(self._binding)
+        if self._lock is None:
+            self._session.run_with_iobinding(self._binding, self._run_options)
+        else:  # graph capture and replay on one ORT session are not safe from several threads at once
+            with self._lock:
+                self._session.run_with_iobinding(self._binding, self._run_options)
         if self._device != "cpu":
             self._probs[...] = self._dev[OUTPUT_PROBS].numpy()
         return self._probs
@@ -94,6 +109,10 @@ class OrtModel:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
+        wants_gpu = any((p if isinstance(p, str) else p[0]) in GPU_PROVIDERS for p in (providers or available))
+        if wants_gpu and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA, cuBLAS and cuDNN from the nvidia-* wheels only when asked to
+            ort.preload_dlls()
         if providers is None:
             providers = [p for p in PREFERRED_PROVIDERS if p in available]
             providers = [provider_with_options(p, path, cuda_graph) for p in providers]
@@ -108,9 +127,18 @@ class OrtModel:
         self.contract = read_contract(self.session, str(path))
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
+        options = self.session.get_provider_options().get(self.providers[0], {})
+        self.cuda_graph = self.device == "cuda" and (options.get("enable_cuda_graph") == "1"
+                                                     or options.get("trt_cuda_graph_enable") == "1")
+        self._next_graph_id = 0
+        self._run_lock = threading.Lock() if self.cuda_graph else None
 
     def describe(self) -> str:
         return "onnxruntime " + "+".join(p.replace("ExecutionProvider", "") for p in self.providers)
 
     def new_runner(self) -> OrtRunner:
-        return OrtRunner(self.session, self.contract, self.device)
+        """Called under the Engine's lock, so graph ids are unique per runner."""
+        graph_id = None
+        if self.cuda_graph:
+            graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1
+        return OrtRunner(self.session, self.contract, self.device, graph_id, self._run_lock)
