@@ -11,6 +11,7 @@ click sequence. Prints a table and writes JSON + Markdown under bench/results/ (
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -22,6 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.gpu_backends import CUDA_ENGINES, available, cuda_engine, forward_flops, matrix_rate_tflops  # noqa: E402
 
 MODES = {"StdInfer": dict(cfr=0), "CFR-1": dict(cfr=1), "CFR-4": dict(cfr=4), "A-CFR-4": dict(cfr=4, adaptive=True)}
 
@@ -61,39 +64,105 @@ def click_trace(gt: np.ndarray, session, n: int) -> list[tuple[int, int, bool]]:
     return trace
 
 
-def time_sessions(makers: dict, work, traces, sync=lambda: None) -> dict:
+class _Timer:
+    """Seconds spent inside one engine's `run()` calls (single-threaded benchmark: clicks never overlap)."""
+
+    def __init__(self):
+        self.total = 0.0
+
+
+class _TimedRunner:
+    """A runner proxy that adds the time of each `run()` to a timer; buffers pass through untouched."""
+
+    def __init__(self, runner, timer: _Timer):
+        object.__setattr__(self, "_runner", runner)
+        object.__setattr__(self, "_timer", timer)
+
+    def run(self):
+        t = time.perf_counter()
+        out = self._runner.run()
+        self._timer.total += time.perf_counter() - t
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._runner, name, value)
+
+
+def timed_engine(engine, timer: _Timer):
+    """The same engine, its runners timed: click time minus engine time is the host's share."""
+    from cfr_runtime import Engine
+
+    return Engine.from_runner_factory(engine.contract, lambda: _TimedRunner(engine.new_runner(), timer),
+                                      engine.backend, engine.description)
+
+
+def time_sessions(makers: dict, work, traces, sync=lambda: None, timers: dict | None = None,
+                  reference: str | None = None) -> dict:
     """Per-click timings of several backends, interleaved click by click so that machine noise hits
-    them alike (the ratios are what is compared)."""
-    times = {name: {"first": [], "later": [], "fwd": []} for name in makers}
-    for make in makers.values():  # untimed warm-up: first-call allocations and lazy initialisation
+    them alike (the ratios are what is compared). With `timers`, also the time inside engine calls;
+    with `reference`, the share of mask pixels each backend agrees on with that backend, click by click."""
+    timers = timers or {}
+    times = {name: {"first": [], "later": [], "fwd": [], "engine": [], "host_share": []} for name in makers}
+    agree = {name: [0, 0] for name in makers}
+    for make in makers.values():  # untimed warm-up: first-call allocations, lazy initialisation, compilation
         s = make()
         s.set_image(work[0][1])
         for y, x, p in traces[0][:2]:
             s.add_click(x, y, p)
+        del s
     for (_, img, _), trace in zip(work, traces):
         sessions = {name: make() for name, make in makers.items()}
         for s in sessions.values():
             s.set_image(img)
         for k, (y, x, p) in enumerate(trace):
+            masks = {}
             for name, s in sessions.items():
+                timer = timers.get(name)
+                before = timer.total if timer else 0.0
                 sync()
                 t = time.perf_counter()
-                s.add_click(x, y, p)
+                masks[name] = s.add_click(x, y, p)
                 sync()
                 dt = time.perf_counter() - t
-                times[name]["first" if k == 0 else "later"].append(dt)
-                times[name]["fwd"].append(dt / s.forwards[-1])
-    return {name: {"first_click_ms": pct(t["first"]), "later_click_ms": pct(t["later"]),
-                   "per_forward_ms": pct(t["fwd"])} for name, t in times.items()}
+                t_ = times[name]
+                t_["first" if k == 0 else "later"].append(dt)
+                t_["fwd"].append(dt / s.forwards[-1])
+                if timer:
+                    inside = timer.total - before
+                    t_["engine"].append(inside)
+                    t_["host_share"].append(max(0.0, dt - inside) / dt)
+            if reference in masks:
+                for name, m in masks.items():
+                    agree[name][0] += int(np.count_nonzero(m == masks[reference]))
+                    agree[name][1] += m.size
+        del sessions
+    out = {}
+    for name, t in times.items():
+        row = {"first_click_ms": pct(t["first"]), "later_click_ms": pct(t["later"]),
+               "per_forward_ms": pct(t["fwd"])}
+        if t["engine"]:
+            row["engine_ms_per_click"] = pct(t["engine"])
+            row["host_share"] = {"p50": float(np.median(t["host_share"])), "mean": float(np.mean(t["host_share"]))}
+        if reference in makers:
+            row["mask_agreement_vs_" + reference] = agree[name][0] / max(1, agree[name][1])
+        out[name] = row
+    return out
 
 
 def bare_forward_ms(engine, repeats: int = 10) -> float:
+    """Median time of one engine call (buffers already uploaded), synchronised."""
     runner = engine.new_runner()
     runner.run()
-    t = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t = time.perf_counter()
         runner.run()
-    return (time.perf_counter() - t) / repeats * 1000
+        times.append(time.perf_counter() - t)
+    engine.release_runner(runner)
+    return float(np.median(times) * 1000)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clicks", type=int, default=8)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--engines", default=None,
+                    help="comma list; cpu: ort; cuda: any of " + ", ".join(CUDA_ENGINES) + " (and ort) "
+                         "(default: ort on cpu, every cuda engine that can run on cuda)")
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference loop")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -124,56 +196,103 @@ def main(argv: list[str] | None = None) -> dict:
     if args.arch:
         torch.manual_seed(0)
         params = arch_config(args.arch)
-        ckpt = save_checkpoint(tmp / f"{args.arch}.pth", build_model(params), params)
+        base = build_model(params).eval()
+        info = {"arch": args.arch, "params": params}
+        ckpt = None
+        args.size = args.size or 448
+        if args.size != 448:
+            from trainer.checkpoint import set_input_size
+
+            set_input_size(base, args.size)
     else:
         from trainer.default_model import default_checkpoint
 
         ckpt = args.checkpoint or default_checkpoint()
-    if args.size is None:
-        from trainer.checkpoint import read_checkpoint
+        if args.size is None:
+            from trainer.checkpoint import read_checkpoint
 
-        args.size = 448 if args.arch else read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0]
-    onnx_path, contract, _ = export_onnx(ckpt, tmp, size=args.size)
-    engines = {"ort": Engine(onnx_path, threads=args.threads)}
-    model, info = load_model(ckpt, input_size=args.size)
-    if args.device == "cuda":
-        from bench.gpu_backends import cuda_engines
+            args.size = read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0]
+        base, info = load_model(ckpt, input_size=args.size)
 
-        engines.update(cuda_engines(ckpt, onnx_path, args.size))
+    def fresh_model():
+        return copy.deepcopy(base)
+
+    exported: dict[bool, Path] = {}
+
+    def onnx_for(fp16: bool) -> Path:
+        nonlocal ckpt
+        if fp16 not in exported:
+            if ckpt is None:
+                ckpt = save_checkpoint(tmp / f"{args.arch}.pth", base, info["params"])
+            exported[fp16] = export_onnx(ckpt, tmp, size=args.size, fp16=fp16)[0]
+        return exported[fp16]
+
+    if args.engines:
+        kinds = args.engines.split(",")
+    else:
+        kinds = ["ort"] if args.device == "cpu" else [k for k in CUDA_ENGINES if available(k) is None]
+    engines, skipped = {}, {}
+    for kind in kinds:
+        if kind == "ort":
+            engines["ort"] = Engine(onnx_for(False), threads=args.threads)
+            continue
+        if args.device != "cuda":
+            raise SystemExit(f"engine {kind} needs --device cuda")
+        why = available(kind)
+        if why:
+            skipped[kind] = why
+            continue
+        t = time.perf_counter()
+        engines[kind] = cuda_engine(kind, fresh_model, args.size, onnx_for)
+        print(f"{kind}: ready in {time.perf_counter() - t:.1f} s ({engines[kind].description})", flush=True)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    ref_model = fresh_model().to(args.device) if not args.no_reference else None
     work = workload(args.dataset, args.images)
-    # one click trace per image, from the ORT StdInfer session, shared by every backend and mode
+    # one click trace per image from the first engine's StdInfer session, shared by every backend and mode
     traces = []
+    first = next(iter(engines.values()))
     for _, img, gt in work:
-        s = Session(engines["ort"])
+        s = Session(first)
         s.set_image(img)
         traces.append(click_trace(gt, s, args.clicks))
+        del s
 
+    timers = {name: _Timer() for name in engines}
+    timed = {name: timed_engine(e, timers[name]) for name, e in engines.items()}
     rows = []
     ref_name = f"torch-loop-{args.device}"
     for mode in args.modes.split(","):
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         kw = MODES[mode]
-        makers = {name: (lambda e=engine, kw=kw: Session(e, **kw)) for name, engine in engines.items()}
-        if not args.no_reference:
-            makers[ref_name] = lambda kw=kw: ReferencePredictor(model, size=args.size, device=args.device, **kw)
-        for name, res in time_sessions(makers, work, traces, sync).items():
-            desc = repr(engines[name]) if name in engines else "official-style eager loop"
+        makers = {name: (lambda e=engine, kw=kw: Session(e, **kw)) for name, engine in timed.items()}
+        if ref_model is not None:
+            makers[ref_name] = lambda kw=kw: ReferencePredictor(ref_model, size=args.size, device=args.device, **kw)
+        results = time_sessions(makers, work, traces, sync, timers, ref_name if ref_model is not None else None)
+        for name, res in results.items():
+            desc = repr(engines[name]) if name in engines else "official-style eager fp32 loop"
             rows.append({"backend": name, "engine": desc, "mode": mode, **res})
-    bare = {name: bare_forward_ms(e) for name, e in engines.items()}
+    bare = {name: bare_forward_ms(e, 50 if args.device == "cuda" else 10) for name, e in engines.items()}
+    flops = forward_flops(base, args.size)
     for r in rows:
         if r["backend"] in bare:
             r["overhead"] = r["per_forward_ms"]["p50"] / bare[r["backend"]]
+            r["tflops_per_s"] = flops / (bare[r["backend"]] / 1000) / 1e12
     for r in rows:
-        base = next((b for b in rows if b["backend"] == ref_name and b["mode"] == r["mode"]), None)
-        if base is not None and r is not base:
+        base_row = next((b for b in rows if b["backend"] == ref_name and b["mode"] == r["mode"]), None)
+        if base_row is not None and r is not base_row:
             r["speedup_vs_torch_loop"] = {
-                k: base[k]["p50"] / r[k]["p50"] for k in ("first_click_ms", "later_click_ms")}
+                k: base_row[k]["p50"] / r[k]["p50"] for k in ("first_click_ms", "later_click_ms")}
 
-    meta = {"checkpoint": str(ckpt), "arch": info["arch"], "size": args.size, "flip": contract.flip,
-            "device": args.device, "device_name": device_name(args.device), "images": len(work),
-            "clicks": args.clicks, "dataset": str(args.dataset) if args.dataset else "synthetic",
+    meta = {"checkpoint": str(ckpt) if ckpt else f"random-init {args.arch}", "arch": info["arch"],
+            "size": args.size, "flip": True, "device": args.device, "device_name": device_name(args.device),
+            "images": len(work), "clicks": args.clicks, "dataset": str(args.dataset) if args.dataset else "synthetic",
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort_version(),
-            "bare_forward_ms": bare}
+            "bare_forward_ms": bare, "forward_gflop": flops / 1e9, "skipped_engines": skipped}
+    if args.device == "cuda":
+        meta["matrix_rate_tflops"] = {d: matrix_rate_tflops(d) for d in ("bf16", "fp16")}
+        meta["cuda"] = torch.version.cuda
+        meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     table = render(rows, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -199,18 +318,30 @@ def device_name(device: str) -> str:
 
 
 def render(rows: list[dict], meta: dict) -> str:
+    rate = meta.get("matrix_rate_tflops")
     lines = [f"# Per-click latency: {meta['arch']} at {meta['size']} (flip={meta['flip']}), {meta['device_name']}",
              f"{meta['images']} images x {meta['clicks']} clicks ({meta['dataset']}); times in ms; "
-             f"bare forward p50: " + ", ".join(f"{k} {v:.1f}" for k, v in meta["bare_forward_ms"].items()), "",
-             "| backend | mode | first p50 | first p90 | first p99 | later p50 | later p90 | later p99 "
-             "| per-fwd p50 | vs torch loop (first / later) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"one forward = {meta['forward_gflop']:.0f} GFLOP; bare forward p50: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in meta["bare_forward_ms"].items())]
+    if rate:
+        lines.append(f"measured matrix rate of this card (8192^3 products): bf16 {rate['bf16']:.0f}, "
+                     f"fp16 {rate['fp16']:.0f} TFLOP/s")
+    if meta.get("skipped_engines"):
+        lines.append("not run: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped_engines"].items()))
+    lines += ["", "| backend | mode | first p50 | first p90 | first p99 | later p50 | later p90 | later p99 "
+              "| per-fwd p50 | host share | TFLOP/s | mask agree | vs torch loop (first / later) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f, la, pf = r["first_click_ms"], r["later_click_ms"], r["per_forward_ms"]
         sp = r.get("speedup_vs_torch_loop")
         ratio = f"{sp['first_click_ms']:.2f}x / {sp['later_click_ms']:.2f}x" if sp else "-"
-        lines.append(f"| {r['backend']} | {r['mode']} | {f['p50']:.1f} | {f['p90']:.1f} | {f['p99']:.1f} | "
-                     f"{la['p50']:.1f} | {la['p90']:.1f} | {la['p99']:.1f} | {pf['p50']:.1f} | {ratio} |")
+        host = f"{100 * r['host_share']['p50']:.0f}%" if "host_share" in r else "-"
+        tf = f"{r['tflops_per_s']:.0f}" if "tflops_per_s" in r else "-"
+        agree = next((v for k, v in r.items() if k.startswith("mask_agreement")), None)
+        ag = f"{100 * agree:.3f}%" if agree is not None else "-"
+        lines.append(f"| {r['backend']} | {r['mode']} | {f['p50']:.2f} | {f['p90']:.2f} | {f['p99']:.2f} | "
+                     f"{la['p50']:.2f} | {la['p90']:.2f} | {la['p99']:.2f} | {pf['p50']:.2f} | {host} | {tf} | "
+                     f"{ag} | {ratio} |")
     return "\n".join(lines)
 
 

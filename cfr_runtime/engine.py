@@ -78,10 +78,25 @@ class Engine:
         self.description = description
         self._new_runner = new_runner
         self._lock = threading.Lock()
+        self._free: list[Runner] = []
 
     def new_runner(self) -> Runner:
+        """A runner for one Session: a released one when there is one, else a new one.
+
+        Reuse matters on GPUs: a runner holds device buffers and its own captured CUDA graph, which ONNX
+        Runtime never frees, so creating one per Session would grow memory with every image opened.
+        """
         with self._lock:  # runner creation touches the backend's allocators; running does not need the lock
+            if self._free:
+                runner = self._free.pop()
+                runner.image_dirty = True
+                return runner
             return self._new_runner()
+
+    def release_runner(self, runner: Runner) -> None:
+        """Give a runner back (Sessions do this when they are garbage-collected)."""
+        with self._lock:
+            self._free.append(runner)
 
     def __repr__(self) -> str:
         c = self.contract

@@ -9,6 +9,7 @@ into the ROI of a zero full-resolution map, which is the next forward's previous
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,8 @@ class Session:
         self._size = engine.contract.input_size
         self._max_points = engine.contract.max_points
         self._runner = engine.new_runner()
+        # the runner (device buffers, a captured CUDA graph) goes back to the engine with this Session
+        weakref.finalize(self, engine.release_runner, self._runner)
         self._image: np.ndarray | None = None
         self._clicks: list[Click] = []
         self._history: list[_Step] = []

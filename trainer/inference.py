@@ -43,6 +43,11 @@ class TorchRunner:
         self._want_graph = cuda_graph and cuda
         self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream(self._device) if cuda else None
+        if self._want_graph:  # capture now, so a Session's first click is already a replay
+            with torch.inference_mode():
+                for k in INPUT_NAMES:
+                    self._dev[k].copy_(host[k])
+                self._capture()
 
     def _forward(self) -> None:
         out = self._fn(*(self._dev[k] for k in INPUT_NAMES))
@@ -70,8 +75,6 @@ class TorchRunner:
                     self.image_dirty = False
                 dev["prev_mask"].copy_(host["prev_mask"], non_blocking=True)
                 dev["points"].copy_(host["points"], non_blocking=True)
-                if self._want_graph and self._graph is None:
-                    self._capture()
                 if self._graph is not None:
                     self._graph.replay()
                 else:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The device script of issue 9, one stage per device call (see bench/results/gpu/README.md for how it was run):
+#   bash bench/gpu/run_h100.sh probe|vitb|vith|ort
+# It expects a GrabCut subset under .gpu_data/GrabCut (carried: ../shared does not travel) and, for `ort`,
+# the onnxruntime-gpu 1.31.1 wheel's contents as xz tar parts copied to /tmp/ortparts by earlier calls.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1
+stage=$1
+data=.gpu_data/GrabCut
+lat() { python3 bench/latency.py --device cuda --dataset $data --modes StdInfer,CFR-1,A-CFR-4 --out "$OUT/$1" "${@:2}"; }
+case $stage in
+  probe)
+    nvidia-smi -L; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+    python3 bench/gpu/h100_check.py --out "$OUT/probe" 2>&1 | tee "$OUT/probe.log" ;;
+  vitb)
+    lat vitb --arch vit_base --images 6 --clicks 20 \
+      --engines torch-cuda-fp32,torch-cuda-fp16,compiled-fp16,compiled-bf16 2>&1 | tee "$OUT/vitb.log" ;;
+  vith)
+    lat vith --arch vit_huge --images 4 --clicks 20 --engines torch-cuda-fp16,compiled-fp16 2>&1 | tee "$OUT/vith.log" ;;
+  ort)
+    mkdir -p /tmp/ortsite && cat /tmp/ortparts/part_* | xz -d | tar x -C /tmp/ortsite && export PYTHONPATH=/tmp/ortsite
+    python3 -c "import onnxruntime as o; o.preload_dlls(); print(o.__version__, o.get_available_providers())"
+    lat ort --arch vit_base --images 6 --clicks 20 --engines ort-cuda-fp32,ort-cuda-fp16,compiled-fp16 \
+      2>&1 | tee "$OUT/ort.log" ;;
+esac
+ls -R "$OUT" | head -50
