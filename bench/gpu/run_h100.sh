@@ -25,4 +25,6 @@ case $stage in
     lat ort --arch vit_base --images 6 --clicks 20 --engines ort-cuda-fp32,ort-cuda-fp16,compiled-fp16 \
       2>&1 | tee "$OUT/ort.log" ;;
 esac
-ls -R "$OUT" | head -50
+# the device tool brings back at most 8 files: pack each stage into one archive
+tar czf "$OUT/$stage.tgz" -C "$OUT" $(cd "$OUT" && ls -d "$stage" "$stage.log" 2>/dev/null) && rm -rf "$OUT/$stage" "$OUT/$stage.log"
+ls -la "$OUT"
