@@ -221,6 +221,11 @@ def test_idle_timeout(engine, scene):
         assert_error(client.get(f"/sessions/{a}"), 404, "SessionNotFoundError")
         assert client.get(f"/sessions/{b}").status_code == 200
         assert store.evicted["idle"] == 1
+        entry = store.get(b)
+        clock.now += 1000
+        with entry.lock:  # a session in the middle of a click is never expired under it
+            assert store.sweep() == 0
+        assert store.sweep() == 1
 
 
 def test_lru_caps(engine, scene):

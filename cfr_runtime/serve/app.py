@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class ServeConfig:
     store: StoreLimits = field(default_factory=StoreLimits)
     upload: UploadLimits = field(default_factory=UploadLimits)
     sweep_interval_s: float = 5.0
+    # forwards run at once (other clicks queue): more than the cores only oversubscribes the CPU, and ONNX
+    # Runtime's arena grows to the peak number of concurrent runs and never shrinks
+    max_concurrent: int = 2
 
 
 class ClickIn(BaseModel):
@@ -129,6 +133,7 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
     app.state.store = store
     app.state.engine = engine
     app.state.config = config
+    slots = threading.BoundedSemaphore(config.max_concurrent)
 
     @app.exception_handler(CfrError)
     async def on_cfr_error(request: Request, exc: CfrError):
@@ -196,10 +201,11 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         check_format(format)
         entry = store.get(sid)
         with entry.lock:
-            entry.session.add_click(body.x, body.y, body.positive)
+            with slots:
+                entry.session.add_click(body.x, body.y, body.positive)
             out = answer(entry, format, start, entry.session.forwards[-1])
         store.touched(entry)
-        return out
+        return JSONResponse(out)
 
     @app.post("/sessions/{sid}/undo")
     def undo(sid: str, format: str = "png"):
@@ -207,10 +213,11 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         check_format(format)
         entry = store.get(sid)
         with entry.lock:
-            entry.session.undo()
+            with slots:
+                entry.session.undo()
             out = answer(entry, format, start, 0)
         store.touched(entry)
-        return out
+        return JSONResponse(out)
 
     @app.post("/sessions/{sid}/reset")
     def reset(sid: str, format: str = "png"):
@@ -218,10 +225,11 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         check_format(format)
         entry = store.get(sid)
         with entry.lock:
-            entry.session.reset()
+            with slots:
+                entry.session.reset()
             out = answer(entry, format, start, 0)
         store.touched(entry)
-        return out
+        return JSONResponse(out)
 
     @app.put("/sessions/{sid}/mode")
     def set_mode(sid: str, body: ModeIn):
@@ -241,5 +249,5 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
 
     from .cvat import add_cvat_routes
 
-    add_cvat_routes(app, store, config)
+    add_cvat_routes(app, store, config, slots)
     return app

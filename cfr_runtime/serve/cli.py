@@ -23,9 +23,12 @@ from ..errors import CfrError
               help="LRU cap on the memory all sessions hold (images, maps, undo history).")
 @click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest upload body.")
 @click.option("--max-pixels", type=int, default=40_000_000, show_default=True, help="Largest image (W x H).")
+@click.option("--max-concurrent", type=int, default=2, show_default=True,
+              help="Forwards run at once; further clicks queue (about the number of cores).")
 @click.option("--log-level", default="warning", show_default=True)
 def main(model: Path | None, host: str, port: int, backend: str, threads: int | None, idle_timeout: float,
-         max_sessions: int, max_memory_mb: float, max_upload_mb: float, max_pixels: int, log_level: str) -> None:
+         max_sessions: int, max_memory_mb: float, max_upload_mb: float, max_pixels: int, max_concurrent: int,
+         log_level: str) -> None:
     """Serve MODEL (an ONNX file or TensorRT plan from cfr-export; default: the bundled tiny model) over HTTP.
 
     Open http://HOST:PORT/ for the annotation page; the API is described at /docs.
@@ -42,7 +45,7 @@ def main(model: Path | None, host: str, port: int, backend: str, threads: int | 
         click.echo(f"cfr-serve: error: {exc.name} is missing; install the extra: pip install 'cfr-icl[serve]'",
                    err=True)
         sys.exit(2)
-    if min(idle_timeout, max_sessions, max_memory_mb, max_upload_mb, max_pixels) <= 0:
+    if min(idle_timeout, max_sessions, max_memory_mb, max_upload_mb, max_pixels, max_concurrent) <= 0:
         click.echo("cfr-serve: error: limits must be positive", err=True)
         sys.exit(2)
     try:
@@ -53,7 +56,7 @@ def main(model: Path | None, host: str, port: int, backend: str, threads: int | 
     config = ServeConfig(
         store=StoreLimits(idle_timeout_s=idle_timeout, max_sessions=max_sessions, max_memory_mb=max_memory_mb),
         upload=UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels),
-        sweep_interval_s=max(0.2, min(5.0, idle_timeout / 4)))
+        sweep_interval_s=max(0.2, min(5.0, idle_timeout / 4)), max_concurrent=max_concurrent)
     app = create_app(engine, config)
     click.echo(f"cfr-serve: {engine!r}\ncfr-serve: http://{host}:{port}/", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -69,7 +69,7 @@ def reconcile(session: Session, wanted: list[Click]) -> int:
     return forwards
 
 
-def add_cvat_routes(app: FastAPI, store: SessionStore, config) -> None:
+def add_cvat_routes(app: FastAPI, store: SessionStore, config, slots) -> None:
     limit = config.upload.max_bytes * 4 // 3 + 65536  # base64 of the largest upload, plus the JSON around it
 
     async def interact(request: Request, mode: str = "StdInfer"):
@@ -98,7 +98,8 @@ def add_cvat_routes(app: FastAPI, store: SessionStore, config) -> None:
 
         def run() -> dict:
             with entry.lock:
-                forwards = reconcile(entry.session, wanted)
+                with slots:
+                    forwards = reconcile(entry.session, wanted)
                 s = entry.session
                 mask = s.mask if data.threshold is None else s.probs > data.threshold
             store.touched(entry)

@@ -146,10 +146,10 @@ class SessionStore:
             release_memory()
 
     def sweep(self) -> int:
-        """Drop sessions idle for longer than the timeout; returns how many."""
+        """Drop sessions idle for longer than the timeout (never one in the middle of a click); returns how many."""
         deadline = self.clock() - self.limits.idle_timeout_s
         with self._lock:
-            stale = [e for e in self._entries.values() if e.last_used < deadline]
+            stale = [e for e in self._entries.values() if e.last_used < deadline and not e.lock.locked()]
             for entry in stale:
                 self._drop(entry)
             self.evicted["idle"] += len(stale)
