@@ -7,6 +7,7 @@ and only the clicks of one session are serialised, by that session's lock.
 from __future__ import annotations
 
 import ctypes
+import gc
 import re
 import secrets
 import sys
@@ -72,6 +73,7 @@ class Entry:
 
 def release_memory() -> None:
     """Hand freed heap pages back to the OS after evictions (glibc keeps them otherwise); no-op elsewhere."""
+    gc.collect()  # evicted sessions caught in reference cycles (e.g. by a traceback) go now, not at some later gc
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
