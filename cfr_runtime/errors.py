@@ -15,6 +15,10 @@ class StateError(CfrError):
     """A call came in the wrong order (a click before set_image, undo with no history)."""
 
 
+class SessionNotFoundError(StateError):
+    """A service call named a session that does not exist or has expired (idle timeout, LRU eviction)."""
+
+
 class ContractError(CfrError):
     """A model file lacks the exported contract (tensor names, shapes, metadata) or does not match it."""
 

@@ -159,6 +159,20 @@ class Session:
         """The current zoom-in box (rmin, rmax, cmin, cmax), inclusive, or None before the first click."""
         return self._roi
 
+    @property
+    def nbytes(self) -> int:
+        """Memory this session holds (image, probability maps, undo history, runner buffers), for services
+        that cap the memory of many sessions."""
+        if self._image is None:
+            arrays: list[np.ndarray] = []
+        else:
+            arrays = [self._image, self._probs, self._spare, *self._masks, self._roi_hwc,
+                      *(step.probs for step in self._history)]
+        runner = self._runner
+        arrays += [a for a in (getattr(runner, n, None) for n in ("image", "prev_mask", "points"))
+                   if isinstance(a, np.ndarray)]
+        return int(sum(a.nbytes for a in arrays))
+
     # ---- internals --------------------------------------------------------------------------------
     def _require_image(self) -> None:
         if self._image is None:

@@ -1,0 +1,368 @@
+"""cfr-serve's HTTP API: every endpoint and error, expiry/LRU, isolation, concurrency, the CVAT adapter."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+
+from tests.conftest import blob_scene
+
+pytest.importorskip("fastapi", reason="fastapi is not installed (pip install -e '.[serve]')")
+pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[dev]')")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime.serve import ServeConfig, SessionStore, StoreLimits, UploadLimits, create_app  # noqa: E402
+from cfr_runtime.serve.codec import decode_upload, mask_rle, rle_to_mask  # noqa: E402
+from cfr_runtime.serve.cvat import reconcile  # noqa: E402
+from cfr_runtime.session import Click  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(default_model())
+
+
+def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scene():
+    rgb, gt = blob_scene(3, 120, 160)
+    return rgb, gt
+
+
+def make(engine, store_limits=StoreLimits(), upload=UploadLimits()):
+    clock = FakeClock()
+    config = ServeConfig(store=store_limits, upload=upload, sweep_interval_s=3600)
+    store = SessionStore(engine, config.store, clock=clock)
+    return TestClient(create_app(engine, config, store)), store, clock
+
+
+@pytest.fixture()
+def api(engine):
+    client, store, clock = make(engine)
+    with client:
+        yield client, store, clock
+
+
+def upload(client, data: bytes, ctype="image/png", mode="StdInfer"):
+    return client.post(f"/sessions?mode={mode}", content=data, headers={"Content-Type": ctype})
+
+
+def reference(engine, data: bytes, clicks, mode=(0, False)) -> Session:
+    s = Session(engine, cfr=mode[0], adaptive=mode[1])
+    s.set_image(decode_upload(data, UploadLimits()))
+    for x, y, p in clicks:
+        s.add_click(x, y, p)
+    return s
+
+
+def png_mask(answer: dict) -> np.ndarray:
+    assert answer["mask"]["format"] == "png"
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"]["data"]))).convert("L")) > 127
+
+
+def assert_error(resp, status: int, error: str, match: str = ""):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"] == error, body
+    assert match.lower() in body["message"].lower(), body
+
+
+# ---- the happy path: every endpoint -------------------------------------------------------------------
+def test_health_and_page(api):
+    client, _, _ = api
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["input_size"] == 224 and h["sessions"] == 0
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text and "/static/app.js" in page.text
+    assert "drawMask" in client.get("/static/app.js").text
+
+
+@pytest.mark.parametrize("fmt,ctype", [("PNG", "image/png"), ("JPEG", "image/jpeg")])
+def test_clicks_undo_reset_match_session(api, engine, scene, fmt, ctype):
+    client, _, _ = api
+    data = encode(scene[0], fmt)
+    created = upload(client, data, ctype)
+    assert created.status_code == 201
+    c = created.json()
+    sid = c["session_id"]
+    assert (c["width"], c["height"], c["clicks"], c["mode"]) == (160, 120, [], "StdInfer")
+    clicks = [(80, 60, True), (10, 10, False), (100, 70, True)]
+    for i, (x, y, p) in enumerate(clicks):
+        fmt_q = "rle" if i % 2 else "png"
+        r = client.post(f"/sessions/{sid}/clicks?format={fmt_q}", json={"x": x, "y": y, "positive": p})
+        assert r.status_code == 200, r.text
+        a = r.json()
+        ref = reference(engine, data, clicks[:i + 1])
+        got = rle_to_mask(a["mask"]) if fmt_q == "rle" else png_mask(a)
+        assert np.array_equal(got, ref.mask), f"click {i}: {np.count_nonzero(got != ref.mask)} px differ"
+        assert a["area"] == int(ref.mask.sum()) and a["last_forwards"] == 1 and a["server_ms"] > 0
+        r0, r1, c0, c1 = ref.roi
+        assert a["zoom_box"] == {"x0": c0, "y0": r0, "x1": c1, "y1": r1}
+        assert len(a["clicks"]) == i + 1 and a["forwards"] == [1] * (i + 1)
+    u = client.post(f"/sessions/{sid}/undo?format=rle").json()
+    assert np.array_equal(rle_to_mask(u["mask"]), reference(engine, data, clicks[:2]).mask)
+    assert len(u["clicks"]) == 2
+    state = client.get(f"/sessions/{sid}").json()
+    assert state["clicks"] == [{"x": 80.0, "y": 60.0, "positive": True}, {"x": 10.0, "y": 10.0, "positive": False}]
+    png = client.get(f"/sessions/{sid}/mask.png")
+    assert png.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.content)).convert("L")) > 127,
+                          reference(engine, data, clicks[:2]).mask)
+    z = client.post(f"/sessions/{sid}/reset").json()
+    assert z["clicks"] == [] and z["area"] == 0 and z["zoom_box"] is None and not png_mask(z).any()
+    assert client.delete(f"/sessions/{sid}").status_code == 204
+    assert_error(client.get(f"/sessions/{sid}"), 404, "SessionNotFoundError", "expired")
+
+
+def test_mode_change(api, engine, scene):
+    client, _, _ = api
+    data = encode(scene[0])
+    sid = upload(client, data, mode="CFR-2").json()["session_id"]
+    a = client.post(f"/sessions/{sid}/clicks", json={"x": 80, "y": 60}).json()
+    assert a["mode"] == "CFR-2" and a["last_forwards"] == 3  # CFR-n: 1 + n forwards on the first click
+    m = client.put(f"/sessions/{sid}/mode", json={"mode": "A-CFR-4"})
+    assert m.status_code == 200 and m.json()["mode"] == "A-CFR-4"
+    client.post(f"/sessions/{sid}/reset")
+    a = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 80, "y": 60}).json()
+    ref = reference(engine, data, [(80, 60, True)], mode=(4, True))
+    assert a["last_forwards"] == ref.forwards[-1] and 2 <= a["last_forwards"] <= 5
+    assert np.array_equal(rle_to_mask(a["mask"]), ref.mask)
+    assert client.put(f"/sessions/{sid}/mode", json={"mode": "StdInfer"}).json()["mode"] == "StdInfer"
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header (with a valid CRC) claims width x height, followed by almost no pixel data."""
+    raw = encode(np.zeros((4, 4, 3), np.uint8))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
+
+
+def test_upload_errors(engine, scene):
+    client, store, _ = make(engine, upload=UploadLimits(max_bytes=200_000, max_pixels=1_000_000, max_side=4000))
+    with client:
+        assert_error(upload(client, b"\0" * 200_001), 413, "InputError", "limit")
+        bomb = png_claiming(50_000, 50_000)  # would need 7.5 GB decoded: refused on the header
+        assert len(bomb) < 200
+        assert_error(upload(client, bomb), 413, "InputError", "too large")
+        assert_error(upload(client, png_claiming(2000, 2000)), 413, "InputError", "2000x2000")
+        assert_error(upload(client, png_claiming(5000, 10)), 413, "InputError", "px per side")
+        jpeg = encode(scene[0], "JPEG")
+        assert_error(upload(client, jpeg[: len(jpeg) // 2], "image/jpeg"), 400, "InputError", "corrupt")
+        assert_error(upload(client, b"hello, not an image"), 415, "InputError", "not a JPEG or PNG")
+        assert_error(upload(client, encode(scene[0], "GIF")), 415, "InputError", "GIF")
+        assert_error(upload(client, encode(scene[0]), "multipart/form-data"), 415, "InputError", "--data-binary")
+        assert_error(upload(client, b""), 400, "InputError", "empty")
+        assert_error(upload(client, encode(scene[0]), mode="CFR-99"), 400, "InputError", "unknown mode")
+        assert len(store) == 0
+        # grayscale and RGBA PNGs are converted, not refused
+        gray = upload(client, encode(scene[0][..., 0]))
+        rgba = upload(client, encode(np.dstack([scene[0], np.full(scene[0].shape[:2], 255, np.uint8)])))
+        assert gray.status_code == rgba.status_code == 201
+
+
+def test_request_errors(api, scene):
+    client, _, _ = api
+    sid = upload(client, encode(scene[0])).json()["session_id"]
+    assert_error(client.post("/sessions/nope/clicks", json={"x": 1, "y": 1}), 404, "SessionNotFoundError")
+    assert_error(client.post(f"/sessions/{sid}/undo"), 409, "StateError", "no clicks")
+    assert_error(client.post(f"/sessions/{sid}/clicks", json={"x": 500, "y": 1}), 400, "InputError", "outside")
+    assert_error(client.post(f"/sessions/{sid}/clicks", json={"x": "3", "y": 1}), 422, "InputError", "x")
+    assert_error(client.post(f"/sessions/{sid}/clicks", json={"x": 3}), 422, "InputError", "y: field required")
+    assert_error(client.post(f"/sessions/{sid}/clicks", json={"x": 3, "y": 1, "positive": "yes"}), 422,
+                 "InputError", "positive")
+    assert_error(client.post(f"/sessions/{sid}/clicks", content=b"{not json",
+                             headers={"Content-Type": "application/json"}), 422, "InputError", "json")
+    assert_error(client.post(f"/sessions/{sid}/clicks?format=bmp", json={"x": 3, "y": 1}), 400, "InputError",
+                 "format")
+    assert_error(client.put(f"/sessions/{sid}/mode", json={"mode": "fast"}), 400, "InputError", "unknown mode")
+    assert_error(client.put(f"/sessions/{sid}/mode", json={}), 422, "InputError", "mode")
+    assert_error(client.get(f"/sessions/{sid}/clicks"), 405, "InputError", "not allowed")
+    assert_error(client.get("/no/such/thing"), 404, "InputError", "no endpoint")
+    assert_error(client.delete("/sessions/nope"), 404, "SessionNotFoundError")
+    for _ in range(24):
+        assert client.post(f"/sessions/{sid}/clicks", json={"x": 5, "y": 5}).status_code == 200
+    assert_error(client.post(f"/sessions/{sid}/clicks", json={"x": 5, "y": 5}), 400, "InputError", "at most 24")
+
+
+# ---- expiry, LRU caps, isolation -----------------------------------------------------------------------
+def test_idle_timeout(engine, scene):
+    client, store, clock = make(engine, StoreLimits(idle_timeout_s=60))
+    with client:
+        a = upload(client, encode(scene[0])).json()["session_id"]
+        b = upload(client, encode(scene[0])).json()["session_id"]
+        clock.now += 50
+        assert client.post(f"/sessions/{b}/clicks", json={"x": 3, "y": 3}).status_code == 200
+        clock.now += 20  # a idle 70 s, b idle 20 s
+        assert client.get("/health").json()["sessions"] == 1
+        assert_error(client.get(f"/sessions/{a}"), 404, "SessionNotFoundError")
+        assert client.get(f"/sessions/{b}").status_code == 200
+        assert store.evicted["idle"] == 1
+        entry = store.get(b)
+        clock.now += 1000
+        with entry.lock:  # a session in the middle of a click is never expired under it
+            assert store.sweep() == 0
+        assert store.sweep() == 1
+
+
+def test_lru_caps(engine, scene):
+    data = encode(scene[0])
+    client, store, clock = make(engine, StoreLimits(max_sessions=2))
+    with client:
+        a, b = (upload(client, data).json()["session_id"] for _ in range(2))
+        clock.now += 1
+        client.get(f"/sessions/{a}")  # a is now the most recently used
+        c = upload(client, data).json()["session_id"]
+        assert_error(client.get(f"/sessions/{b}"), 404, "SessionNotFoundError")
+        assert client.get(f"/sessions/{a}").status_code == client.get(f"/sessions/{c}").status_code == 200
+        assert store.evicted["count"] == 1
+    one = Session(engine)
+    one.set_image(scene[0])
+    per = one.nbytes
+    one.add_click(80, 60)
+    delta = one.nbytes - per
+    assert delta >= 120 * 160 * 4  # the undo history counts
+    cap = 2 * per + delta // 2
+    client, store, clock = make(engine, StoreLimits(max_memory_mb=cap / 2**20))
+    with client:
+        a, b = (upload(client, data).json()["session_id"] for _ in range(2))
+        assert store.evicted["memory"] == 0
+        clock.now += 1
+        client.post(f"/sessions/{a}/clicks", json={"x": 80, "y": 60})  # a grows past the cap: LRU b goes
+        assert_error(client.get(f"/sessions/{b}"), 404, "SessionNotFoundError")
+        assert client.get(f"/sessions/{a}").status_code == 200 and store.evicted["memory"] == 1
+        assert client.get("/health").json()["memory_mb"] <= cap / 2**20
+
+
+def test_sessions_are_isolated(api, engine, scene):
+    client, _, _ = api
+    data = encode(scene[0])
+    ids = [upload(client, data).json()["session_id"] for _ in range(8)]
+    assert len(set(ids)) == 8 and all(len(i) >= 32 for i in ids)  # 24 random bytes from `secrets`
+    client.post(f"/sessions/{ids[0]}/clicks", json={"x": 80, "y": 60})
+    assert client.get(f"/sessions/{ids[1]}").json()["clicks"] == []
+    assert_error(client.get(f"/sessions/{ids[0][:-1]}"), 404, "SessionNotFoundError")
+
+
+def test_clicks_of_one_session_are_serialised(api, scene):
+    client, _, _ = api
+    sid = upload(client, encode(scene[0])).json()["session_id"]
+    errors: list[str] = []
+
+    def worker(k):
+        for i in range(5):
+            r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 20 + 10 * k, "y": 10 + 15 * i})
+            if r.status_code != 200:
+                errors.append(r.text)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    state = client.get(f"/sessions/{sid}").json()
+    assert errors == [] and len(state["clicks"]) == 20 and len(state["forwards"]) == 20
+
+
+# ---- the CVAT interactor adapter -----------------------------------------------------------------------
+# Shapes as documented by CVAT's serverless interactor functions (e.g. serverless/pytorch/saic-vul/hrnet/
+# nuclio/main.py): the body holds "image" (base64 of the frame), "pos_points" and "neg_points" ([[x, y], ...]
+# in pixels), optionally "obj_bbox" and "threshold"; the answer is {"points": polygon [[x, y], ...],
+# "mask": H x W list of 0/255}.
+def cvat_body(data: bytes, pos, neg=(), **extra) -> dict:
+    return {"image": base64.b64encode(data).decode(), "pos_points": [list(p) for p in pos],
+            "neg_points": [list(p) for p in neg], "obj_bbox": None, **extra}
+
+
+def test_cvat_interactor(api, engine, scene):
+    client, store, _ = api
+    data = encode(scene[0], "JPEG")
+    a, b, c = (80, 60, True), (10, 10, False), (100, 70, True)
+    steps = [[a], [a, b], [a, b, c], [a, b]]  # the clicks in the order made; the last request drops one (undo)
+    for i, clicks in enumerate(steps):
+        pos = [(x, y) for x, y, p in clicks if p]
+        neg = [(x, y) for x, y, p in clicks if not p]
+        path = "/" if i == 1 else "/cvat/interactor"  # nuclio invokes the function's root
+        r = client.post(path, json=cvat_body(data, pos, neg))
+        assert r.status_code == 200, r.text
+        a = r.json()
+        mask = np.asarray(a["mask"], np.uint8)
+        assert mask.shape == (120, 160) and set(np.unique(mask)) <= {0, 255}
+        ref = reference(engine, data, clicks)  # CVAT sends no order across the lists; the session keeps it
+        assert np.array_equal(mask == 255, ref.mask), f"step {i}"
+        poly = np.asarray(a["points"])
+        assert poly.ndim == 2 and poly.shape[1] == 2 and len(poly) >= 3
+        assert a["forwards"] == (0 if i == 3 else 1)  # incremental: one new click, one forward
+    assert len(store) == 1  # one stored session for the image, reused across requests
+    r = client.post("/cvat/interactor", json=cvat_body(data, [(80, 60)], threshold=0.9, task=3, frame=0))
+    assert r.status_code == 200
+    assert (np.asarray(r.json()["mask"]) == 255).sum() <= (mask == 255).sum()
+
+
+def test_cvat_errors(api, scene):
+    client, _, _ = api
+    data = encode(scene[0])
+    assert_error(client.post("/cvat/interactor", json=cvat_body(data, [])), 400, "InputError", "positive")
+    bad = cvat_body(data, [(1, 1)])
+    bad["image"] = "%%%not base64"
+    assert_error(client.post("/cvat/interactor", json=bad), 400, "InputError", "base64")
+    assert_error(client.post("/cvat/interactor", json={"pos_points": [[1, 1]]}), 422, "InputError", "image")
+    assert_error(client.post("/cvat/interactor", json=cvat_body(data, [(1, 2, 3)])), 422, "InputError",
+                 "pos_points")
+    assert_error(client.post("/cvat/interactor", content=b"[", headers={"Content-Type": "application/json"}),
+                 400, "InputError", "not JSON")
+    assert_error(client.post("/cvat/interactor", json=cvat_body(data, [(1000, 1)])), 400, "InputError", "outside")
+
+
+def test_reconcile_minimal_work(engine, scene):
+    s = Session(engine)
+    s.set_image(scene[0])
+    a, b, c = Click(80, 60, True), Click(10, 10, False), Click(100, 70, True)
+    assert reconcile(s, [a, b]) == 2 and s.clicks == [a, b]
+    assert reconcile(s, [a, b, c]) == 1 and s.clicks == [a, b, c]
+    assert reconcile(s, [a, c]) == 1 and s.clicks == [a, c]  # undo back to [a], then add c
+    assert reconcile(s, [a, c]) == 0
+
+
+def test_rle_round_trip():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (3, 5), (37, 23)]:
+        for m in (rng.random(shape) > 0.5, np.ones(shape, bool), np.zeros(shape, bool)):
+            rle = mask_rle(m)
+            assert sum(rle["counts"]) == m.size and np.array_equal(rle_to_mask(rle), m)
+    assert mask_rle(np.array([[1, 0], [1, 1]], bool))["counts"] == [0, 2, 1, 1]  # column-major, zeros first
+
+
+def test_cli_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from cfr_runtime.serve.cli import main
+
+    r = CliRunner().invoke(main, [str(tmp_path / "missing.onnx")])
+    assert r.exit_code == 2 and "no such model file" in r.output
+    r = CliRunner().invoke(main, ["--max-sessions", "0"])
+    assert r.exit_code == 2 and "positive" in r.output
+    assert "--idle-timeout" in CliRunner().invoke(main, ["--help"]).output
