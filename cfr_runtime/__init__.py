@@ -4,7 +4,15 @@ __version__ = "0.1.0"
 
 from .contract import Contract
 from .engine import Engine
-from .errors import CfrError, CheckpointError, ContractError, EngineMismatchError, InputError, StateError
+from .errors import (
+    CfrError,
+    CheckpointError,
+    ContractError,
+    EngineMismatchError,
+    InputError,
+    ModelOutputError,
+    StateError,
+)
 from .session import Click, Session
 
 
@@ -19,4 +27,4 @@ def default_model() -> str:
 
 
 __all__ = ["CfrError", "CheckpointError", "Click", "Contract", "ContractError", "Engine", "EngineMismatchError",
-           "InputError", "Session", "StateError", "__version__", "default_model"]
+           "InputError", "ModelOutputError", "Session", "StateError", "__version__", "default_model"]
