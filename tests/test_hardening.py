@@ -353,3 +353,80 @@ def test_eval_json_is_strict(tiny_onnx, tmp_path):
     json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert ">=3@85" in result.output
     assert os.path.exists(out.with_suffix(".jsonl"))
+
+
+# ---- first use ------------------------------------------------------------------------------------------
+
+def test_readme_embedding_snippet_runs(data_dir, monkeypatch):
+    """The README's embedding example runs as written, from the repository root."""
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Embedding the runtime"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+    monkeypatch.chdir(ROOT)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["mask"].dtype == bool and scope["probs"].shape == scope["rgb"].shape[:2]
+    assert len(scope["session"].clicks) == 1  # two clicks, one undone
+
+
+def test_train_help_shows_defaults():
+    from trainer.cli import main as train_main
+
+    out = CliRunner().invoke(train_main, ["--help"]).output
+    for needle in ("[default: 1000]", "[default: 8]", "[default: 5e-05]", "[default: tiny]", "[default: auto]"):
+        assert needle in out, needle
+
+
+@pytest.mark.parametrize("args,match", [(["--accum", "0"], "--accum"), (["--steps", "-1"], "--steps"),
+                                        (["--lr", "0"], "--lr"), (["--device", "tpu"], "--device")])
+def test_train_argument_ranges(tmp_path, args, match):
+    from trainer.cli import main as train_main
+
+    result = CliRunner().invoke(train_main, ["--data", "synthetic:2", "--run-dir", str(tmp_path), *args])
+    assert result.exit_code == 2 and match in result.output, result.output
+
+
+@pytest.mark.parametrize("text,match", [("steps = -4\n", "steps = -4"), ("[broken", "cannot read it as TOML"),
+                                        ("stepz = 1\n", "unknown config keys")])
+def test_train_config_file_is_validated(tmp_path, text, match):
+    from trainer.cli import main as train_main
+
+    (tmp_path / "c.toml").write_text(text)
+    result = CliRunner().invoke(train_main, ["--data", "synthetic:2", "--run-dir", str(tmp_path / "r"), "--config",
+                                             str(tmp_path / "c.toml")])
+    assert result.exit_code == 2 and match in result.output, result.output
+
+
+def _latency():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("latency_bench", ROOT / "bench" / "latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, ROOT
+
+
+def test_latency_default_output_is_not_the_committed_results():
+    latency, root = _latency()
+    out = latency.build_parser().parse_args([]).out.resolve()
+    assert (root / "bench" / "results").resolve() not in (out, *out.parents)
+
+
+def test_latency_p99_needs_enough_samples():
+    latency, _ = _latency()
+    assert latency.pct([0.01, 0.02, 0.03])["p99"] is None
+    assert latency.pct([0.001 * i for i in range(1, 101)])["p99"] == pytest.approx(99.01)
+
+
+@pytest.mark.parametrize("args,match", [(["--modes", "Std"], "unknown mode"), (["--device", "cuda"], "no CUDA GPU")])
+def test_latency_argument_errors(args, match, capsys):
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is valid")
+    latency, _ = _latency()
+    with pytest.raises(SystemExit) as info:
+        latency.main(args)
+    assert info.value.code == 2 and match in capsys.readouterr().err
