@@ -384,7 +384,8 @@ def test_train_help_shows_defaults():
 def test_train_argument_ranges(tmp_path, args, match):
     from trainer.cli import main as train_main
 
-    result = CliRunner().invoke(train_main, ["--data", "synthetic:2", "--run-dir", str(tmp_path), *args])
+    small = ["--size", "32", "--steps", "1", "--batch-size", "1", "--no-progress"]  # a quick run if accepted
+    result = CliRunner().invoke(train_main, ["--data", "synthetic:2", "--run-dir", str(tmp_path), *small, *args])
     assert result.exit_code == 2 and match in result.output, result.output
 
 
@@ -394,8 +395,9 @@ def test_train_config_file_is_validated(tmp_path, text, match):
     from trainer.cli import main as train_main
 
     (tmp_path / "c.toml").write_text(text)
-    result = CliRunner().invoke(train_main, ["--data", "synthetic:2", "--run-dir", str(tmp_path / "r"), "--config",
-                                             str(tmp_path / "c.toml")])
+    args = ["--data", "synthetic:2", "--run-dir", str(tmp_path / "r"), "--size", "32", "--batch-size", "1",
+            "--no-progress", "--config", str(tmp_path / "c.toml")]
+    result = CliRunner().invoke(train_main, args)
     assert result.exit_code == 2 and match in result.output, result.output
 
 
