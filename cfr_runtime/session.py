@@ -139,7 +139,13 @@ class Session:
                              "larger --max-points, or undo()/reset()")
         self._history.append(_Step(self._probs.copy(), self._roi))
         self._clicks.append(Click(float(x), float(y), positive))
-        self.forwards.append(self._predict())
+        try:
+            steps = self._predict()
+        except BaseException:  # e.g. ModelOutputError or Ctrl-C: leave the session as it was before the click
+            self.forwards.append(0)
+            self.undo()
+            raise
+        self.forwards.append(steps)
         return self.mask
 
     def undo(self) -> np.ndarray:

@@ -198,6 +198,7 @@ def test_session_refuses_bad_model_outputs(value):
     s.set_image(np.zeros((20, 30, 3), np.uint8))
     with pytest.raises(ModelOutputError, match=r"outside \[0, 1\]"):
         s.add_click(5, 5)
+    assert s.clicks == [] and s.forwards == [] and not s.mask.any()  # the failed click left no trace
 
 
 # ---- Session / API --------------------------------------------------------------------------------------
