@@ -159,6 +159,9 @@ def main(model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str
         raise click.UsageError("--acfr adapts the CFR forwards of --cfr N; give --cfr N (e.g. --cfr 4 --acfr)")
     if resume and json_out is None:
         raise click.UsageError("--resume continues the <json>.jsonl of a --json run; give the same --json")
+    if json_out is not None and json_out.suffix == ".jsonl":
+        raise click.UsageError("--json names the summary (e.g. results/grabcut.json); the per-instance journal "
+                               "goes beside it as .jsonl")
     if model.suffix.lower() in (".pth", ".pt", ".ckpt"):
         raise click.UsageError(f"{model} is a checkpoint; export it first: cfr-export {model} -o DIR, then "
                                "cfr-eval DIR/model.onnx")

@@ -251,7 +251,7 @@ def _dataset(root: Path, n: int = 4) -> Path:
     (["--target-iou", "1.5"], "--target-iou"), (["--target-iou", "-1"], "--target-iou"),
     (["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"), (["--cfr", "-2"], "--cfr"),
     (["--acfr"], "give --cfr N"), (["--cfr-clicks", "0"], "--cfr-clicks"), (["--cfr-clicks", "x"], "--cfr-clicks"),
-    (["--resume"], "--json"), (["--max-clicks", "30"], "click capacity"),
+    (["--resume"], "--json"), (["--max-clicks", "30"], "click capacity"), (["--json", "r.jsonl"], "journal"),
 ])
 def test_eval_argument_ranges(tiny_onnx, tmp_path, args, match):
     data = _dataset(tmp_path / "ds", 1)
