@@ -5,7 +5,8 @@
     python bench/latency.py --arch vit_base --images 1 --clicks 3   # random-init ViT-B at 448
 
 Clicks come from the RITM clicker on real images (or synthetic scenes), so every backend sees the same
-click sequence. Prints a table and writes JSON + Markdown under bench/results/ (or --out).
+click sequence. Prints a table and writes JSON + Markdown under out/bench/ (or --out; the committed results
+in bench/results/ are rewritten only with an explicit --out bench/results). p99 is reported from 100 samples up.
 """
 
 from __future__ import annotations
@@ -29,12 +30,20 @@ from bench.gpu_backends import CUDA_ENGINES, available, cuda_engine, forward_flo
 MODES = {"StdInfer": dict(cfr=0), "CFR-1": dict(cfr=1), "CFR-4": dict(cfr=4), "A-CFR-4": dict(cfr=4, adaptive=True)}
 
 
+MIN_SAMPLES_P99 = 100  # below this a "p99" is just the maximum of a handful of samples
+
+
 def pct(values: list[float]) -> dict:
+    """p50/p90 in ms, and p99 only with enough samples to mean something (None otherwise)."""
     if not values:
-        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "n": 0}
+        return {"p50": None, "p90": None, "p99": None, "n": 0}
     a = np.asarray(values) * 1000
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "n": len(values)}
+    p99 = float(np.percentile(a, 99)) if len(values) >= MIN_SAMPLES_P99 else None
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": p99, "n": len(values)}
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}" if v < 10 else f"{v:.1f}"
 
 
 def workload(dataset: Path | None, images: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -165,7 +174,7 @@ def bare_forward_ms(engine, repeats: int = 10) -> float:
     return float(np.median(times) * 1000)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="official or cfr-train checkpoint")
     ap.add_argument("--arch", default=None, help="benchmark a random-init named arch instead (e.g. vit_base)")
@@ -181,10 +190,24 @@ def main(argv: list[str] | None = None) -> dict:
                          "(default: ort on cpu, every cuda engine that can run on cuda)")
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference loop")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench",
+                    help="where JSON + Markdown go (default out/bench; pass bench/results to update the committed "
+                         "results on purpose)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        ap.error(f"--modes: unknown mode(s) {unknown}; choose from {','.join(MODES)}")
 
     import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA GPU on this machine (CPU-only torch build or no driver); "
+                 "use --device cpu")
 
     from cfr_runtime import Engine, Session
     from export.onnx_export import export_onnx
@@ -262,8 +285,6 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     ref_name = f"torch-loop-{args.device}"
     for mode in args.modes.split(","):
-        if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         kw = MODES[mode]
         makers = {name: (lambda e=engine, kw=kw: Session(e, **kw)) for name, engine in timed.items()}
         if ref_model is not None:
@@ -339,9 +360,9 @@ def render(rows: list[dict], meta: dict) -> str:
         tf = f"{r['tflops_per_s']:.0f}" if "tflops_per_s" in r else "-"
         agree = next((v for k, v in r.items() if k.startswith("mask_agreement")), None)
         ag = f"{100 * agree:.3f}%" if agree is not None else "-"
-        lines.append(f"| {r['backend']} | {r['mode']} | {f['p50']:.2f} | {f['p90']:.2f} | {f['p99']:.2f} | "
-                     f"{la['p50']:.2f} | {la['p90']:.2f} | {la['p99']:.2f} | {pf['p50']:.2f} | {host} | {tf} | "
-                     f"{ag} | {ratio} |")
+        cells = [_ms(f["p50"]), _ms(f["p90"]), _ms(f["p99"]), _ms(la["p50"]), _ms(la["p90"]), _ms(la["p99"]),
+                 _ms(pf["p50"]), host, tf, ag]
+        lines.append(f"| {r['backend']} | {r['mode']} | {' | '.join(cells)} | {ratio} |")
     return "\n".join(lines)
 
 

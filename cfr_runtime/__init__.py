@@ -10,6 +10,7 @@ from .errors import (
     ContractError,
     EngineMismatchError,
     InputError,
+    ModelOutputError,
     SessionNotFoundError,
     StateError,
 )
@@ -27,4 +28,5 @@ def default_model() -> str:
 
 
 __all__ = ["CfrError", "CheckpointError", "Click", "Contract", "ContractError", "Engine", "EngineMismatchError",
-           "InputError", "Session", "SessionNotFoundError", "StateError", "__version__", "default_model"]
+           "InputError", "ModelOutputError", "Session", "SessionNotFoundError", "StateError", "__version__",
+           "default_model"]

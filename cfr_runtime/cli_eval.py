@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import CfrError
+from .errors import CfrError, InputError
 
 
 def _plot(result: dict, path: Path, title: str) -> None:
@@ -33,11 +35,95 @@ def _plot(result: dict, path: Path, title: str) -> None:
 
 def format_table(name: str, result: dict) -> str:
     noc, over = result["noc"], result["over_max"]
-    head = f"| {'dataset':<12} | NoC@85 | NoC@90 | NoC@95 | >=20@85 | >=20@90 | >=20@95 | fwd/click |"
+    m = f">={result.get('max_clicks', 20)}"
+    w = len(m) + 3
+    head = f"| {'dataset':<12} | NoC@85 | NoC@90 | NoC@95 | {m}@85 | {m}@90 | {m}@95 | fwd/click |"
     rule = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
     row = (f"| {name:<12} | {noc['0.85']:6.2f} | {noc['0.9']:6.2f} | {noc['0.95']:6.2f} | "
-           f"{over['0.85']:7d} | {over['0.9']:7d} | {over['0.95']:7d} | {result['mean_forwards_per_click']:9.2f} |")
+           f"{over['0.85']:{w}d} | {over['0.9']:{w}d} | {over['0.95']:{w}d} | "
+           f"{result['mean_forwards_per_click']:9.2f} |")
     return "\n".join([head, rule, row])
+
+
+class _Journal:
+    """`<json>.jsonl`: one header line (the run's settings), then one line per finished instance, flushed and
+    fsynced as each instance ends, so a crash, a bad file or Ctrl-C keeps every finished instance and
+    `--resume` continues from there. A torn last line (a kill mid-write) is ignored on resume."""
+
+    def __init__(self, path: Path, header: dict, resume: bool):
+        self.path, self.done, self.added, self._torn = path, [], 0, False
+        if resume and path.is_file():
+            self.done = self._read(path, header)
+            self._file = path.open("a")
+            if self._torn:
+                self._file.write("\n")
+        else:
+            self._file = path.open("w")
+            self._write(header)
+
+    def _read(self, path: Path, header: dict) -> list:
+        from .evaluate import InstanceResult
+
+        lines = path.read_text().split("\n")
+        self._torn = lines[-1] != ""
+        try:
+            old = json.loads(lines[0])
+        except json.JSONDecodeError:
+            raise CfrError(f"{path}: not a cfr-eval journal; delete it or run without --resume") from None
+        differ = sorted(k for k in header if old.get(k) != header[k])
+        if differ:
+            raise CfrError(f"{path}: --resume with other settings than the interrupted run ("
+                           + ", ".join(f"{k}: {old.get(k)!r} then, {header[k]!r} now" for k in differ)
+                           + "); use the same options, or run without --resume to start over")
+        done = []
+        for line in lines[1:]:
+            try:
+                done.append(InstanceResult.from_json(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # the torn last line of a killed run
+        return done
+
+    def _write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def add(self, result) -> None:
+        self._write(result.to_json())
+        self.added += 1
+
+    @property
+    def count(self) -> int:
+        return len(self.done) + self.added
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _model_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cfr_clicks(ctx, param, value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise click.BadParameter(f"takes a positive integer or 'all', got {value!r}")
+    return k
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,22 +132,79 @@ def format_table(name: str, result: dict) -> str:
               help="Dataset folder (released layout or images/ + masks/).")
 @click.option("--mask-encoding", type=click.Choice(["grabcut", "anynonzero"]), default=None,
               help="Override the mask encoding guessed from the folder name.")
-@click.option("--backend", default="auto", show_default=True, help="Engine backend: auto, ort or trt.")
-@click.option("--cfr", "cfr_n", type=int, default=0, show_default=True, help="CFR-n: extra forwards per click.")
-@click.option("--acfr", is_flag=True, help="Adaptive CFR: stop when <= --acfr-threshold pixels change.")
-@click.option("--acfr-threshold", type=int, default=20, show_default=True)
-@click.option("--cfr-clicks", default="1", show_default=True, help="Apply CFR to the first K clicks, or 'all'.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True,
+              help="Engine backend.")
+@click.option("--cfr", "cfr_n", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="CFR-n: extra forwards per click.")
+@click.option("--acfr", is_flag=True, help="Adaptive CFR (needs --cfr N): stop when <= --acfr-threshold "
+              "pixels change.")
+@click.option("--acfr-threshold", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--cfr-clicks", default="1", show_default=True, callback=_cfr_clicks,
+              help="Apply CFR to the first K clicks, or 'all'.")
 @click.option("--no-zoom", is_flag=True, help="Disable zoom-in (whole image resized to the input size).")
-@click.option("--max-clicks", type=int, default=20, show_default=True)
-@click.option("--target-iou", type=float, default=0.95, show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N instances.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--max-clicks", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--target-iou", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Stop an instance once its IoU reaches this (0 < t <= 1).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N instances.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Summary JSON (+ .md, .png); finished instances go to <json>.jsonl as they end.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from <json>.jsonl (same options).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="mIoU-vs-clicks PNG (default: next to --json).")
 def main(model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str, cfr_n: int, acfr: bool,
-         acfr_threshold: int, cfr_clicks: str, no_zoom: bool, max_clicks: int, target_iou: float,
-         limit: int | None, json_out: Path | None, plot_out: Path | None) -> None:
+         acfr_threshold: int, cfr_clicks: int | None, no_zoom: bool, max_clicks: int, target_iou: float,
+         limit: int | None, json_out: Path | None, resume: bool, plot_out: Path | None) -> None:
     """Evaluate MODEL (exported by cfr-export) on a dataset with the official NoC protocol."""
+    if acfr and cfr_n == 0:
+        raise click.UsageError("--acfr adapts the CFR forwards of --cfr N; give --cfr N (e.g. --cfr 4 --acfr)")
+    if resume and json_out is None:
+        raise click.UsageError("--resume continues the <json>.jsonl of a --json run; give the same --json")
+    if json_out is not None and json_out.suffix == ".jsonl":
+        raise click.UsageError("--json names the summary (e.g. results/grabcut.json); the per-instance journal "
+                               "goes beside it as .jsonl")
+    if model.suffix.lower() in (".pth", ".pt", ".ckpt"):
+        raise click.UsageError(f"{model} is a checkpoint; export it first: cfr-export {model} -o DIR, then "
+                               "cfr-eval DIR/model.onnx")
+    state: dict = {}
+    try:
+        result, engine, mode = _run(state, model, dataset_dir, mask_encoding, backend, cfr_n, acfr,
+                                    acfr_threshold, cfr_clicks, no_zoom, max_clicks, target_iou, limit, json_out,
+                                    resume)
+    except (CfrError, OSError) as exc:  # OSError: a disk that fills up or a folder removed mid-run
+        click.echo(f"cfr-eval: error: {exc}", err=True)
+        _kept(state.get("journal"))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("cfr-eval: interrupted", err=True)
+        _kept(state.get("journal"))
+        sys.exit(130)
+    finally:
+        if state.get("journal") is not None:
+            state["journal"].close()
+    result.update(model=str(model), dataset=dataset_dir.name, engine=repr(engine), mode=mode,
+                  cfr_clicks="all" if cfr_clicks is None else str(cfr_clicks), zoom_in=not no_zoom)
+    click.echo(f"{engine!r}  mode={mode}  instances={len(result['instances'])}  {result['seconds']:.1f}s")
+    click.echo(format_table(dataset_dir.name, result))
+    if json_out is not None:
+        _write_atomic(json_out, json.dumps(result, indent=1, allow_nan=False))
+        _write_atomic(json_out.with_suffix(".md"),
+                      f"{engine!r}, mode {mode}\n\n{format_table(dataset_dir.name, result)}\n")
+        click.echo(f"wrote {json_out} and {json_out.with_suffix('.md').name}")
+        plot_out = plot_out or json_out.with_suffix(".png")
+    if plot_out is not None:
+        _plot(result, plot_out, f"{dataset_dir.name}: {mode}, {model.name}")
+        click.echo(f"wrote {plot_out}")
+
+
+def _kept(journal: _Journal | None) -> None:
+    if journal is not None and journal.count:
+        click.echo(f"cfr-eval: {journal.count} finished instances are saved in {journal.path}; rerun the same "
+                   "command with --resume to continue", err=True)
+
+
+def _run(state: dict, model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str, cfr_n: int, acfr: bool,
+         acfr_threshold: int, cfr_clicks: int | None, no_zoom: bool, max_clicks: int, target_iou: float,
+         limit: int | None, json_out: Path | None, resume: bool):
     from tqdm import tqdm
 
     from .datasets import open_dataset
@@ -69,36 +212,40 @@ def main(model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str
     from .evaluate import evaluate_dataset
     from .session import Session
 
-    try:
-        k = None if cfr_clicks == "all" else int(cfr_clicks)
-    except ValueError:
-        raise click.BadParameter("--cfr-clicks takes a positive integer or 'all'") from None
-    try:
-        engine = Engine(model, backend=backend)
-        session = Session(engine, cfr=cfr_n, adaptive=acfr, cfr_threshold=acfr_threshold, cfr_clicks=k,
-                          zoom_in=not no_zoom)
-        instances = open_dataset(dataset_dir, mask_encoding)[:limit]
-        result = evaluate_dataset(session, instances, max_clicks, target_iou,
-                                  progress=lambda it: tqdm(it, total=len(instances), desc=dataset_dir.name,
-                                                           file=sys.stderr))
-    except CfrError as exc:
-        click.echo(f"cfr-eval: error: {exc}", err=True)
-        sys.exit(2)
+    engine = Engine(model, backend=backend)
+    if max_clicks > engine.contract.max_points:
+        raise InputError(f"--max-clicks {max_clicks} exceeds the model's click capacity ({engine.contract.max_points} "
+                         f"per sign); use --max-clicks <= {engine.contract.max_points}, or re-export with "
+                         f"cfr-export --max-points {max_clicks}")
+    session = Session(engine, cfr=cfr_n, adaptive=acfr, cfr_threshold=acfr_threshold, cfr_clicks=cfr_clicks,
+                      zoom_in=not no_zoom)
+    instances = open_dataset(dataset_dir, mask_encoding)[:limit]
+    if not instances:
+        raise InputError(f"{dataset_dir}: the dataset has no instances (no image/mask pairs found)")
     mode = f"CFR-{cfr_n}" if cfr_n else "StdInfer"
     mode = ("A-" + mode) if acfr and cfr_n else mode
-    result.update(model=str(model), dataset=dataset_dir.name, engine=repr(engine), mode=mode,
-                  cfr_clicks=cfr_clicks, zoom_in=not no_zoom)
-    click.echo(f"{engine!r}  mode={mode}  instances={len(result['instances'])}  {result['seconds']:.1f}s")
-    click.echo(format_table(dataset_dir.name, result))
+    journal = None
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=1))
-        json_out.with_suffix(".md").write_text(f"{engine!r}, mode {mode}\n\n{format_table(dataset_dir.name, result)}\n")
-        click.echo(f"wrote {json_out} and {json_out.with_suffix('.md').name}")
-        plot_out = plot_out or json_out.with_suffix(".png")
-    if plot_out is not None:
-        _plot(result, plot_out, f"{dataset_dir.name}: {mode}, {model.name}")
-        click.echo(f"wrote {plot_out}")
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"--json {json_out}: cannot create its folder ({exc.strerror or exc})") from None
+        header = {"cfr_eval_journal": 1, "model_sha256": _model_sha256(model), "dataset": str(dataset_dir.resolve()),
+                  "mask_encoding": mask_encoding, "mode": mode, "acfr_threshold": acfr_threshold,
+                  "cfr_clicks": cfr_clicks, "zoom_in": not no_zoom, "max_clicks": max_clicks,
+                  "target_iou": target_iou}
+        try:
+            journal = state["journal"] = _Journal(json_out.with_suffix(".jsonl"), header, resume)
+        except OSError as exc:
+            raise InputError(f"--json {json_out}: cannot write next to it ({exc.strerror or exc})") from None
+        if resume:
+            click.echo(f"resuming: {len(journal.done)} instances already done in {journal.path}", err=True)
+    done = journal.done if journal is not None else []
+    todo = len([i for i in instances if i.id not in {r.id for r in done}])
+    result = evaluate_dataset(session, instances, max_clicks, target_iou,
+                              progress=lambda it: tqdm(it, total=todo, desc=dataset_dir.name, file=sys.stderr),
+                              done=done, on_result=journal.add if journal is not None else None)
+    return result, engine, mode
 
 
 if __name__ == "__main__":

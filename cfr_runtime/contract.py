@@ -71,13 +71,50 @@ class Contract:
                 f"{CONTRACT_VERSION}); re-export the model with this package's cfr-export"
             )
         known = set(cls.__dataclass_fields__)
+        validate_metadata(data, source)
         try:
             contract = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:
             raise ContractError(f"{source}: malformed contract metadata ({exc})") from None
-        if contract.input_size <= 0 or contract.max_points <= 0:
-            raise ContractError(f"{source}: contract has non-positive input_size or max_points")
         return contract
+
+
+# Bounds on what a model file may ask the runtime to allocate: input_size 4096 means 200 MB of image
+# buffer per session already; beyond that a file is corrupt or hostile, not a model.
+MAX_INPUT_SIZE = 4096
+MAX_POINTS_LIMIT = 4096
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_metadata(data: dict, source: str = "model") -> None:
+    """Type and range checks of the contract fields present in `data`, before anything is allocated.
+
+    Metadata comes from a file, so it may say `max_points: "24"`, `threshold: null` or `input_size: 100000`;
+    each is refused with a ContractError naming the field instead of a TypeError or a huge allocation later.
+    """
+    def bad(key: str, want: str) -> ContractError:
+        return ContractError(f"{source}: contract metadata field {key!r} is {data[key]!r}; expected {want}. "
+                             "The file is corrupt or was not written by cfr-export; re-export the checkpoint")
+
+    checks = {
+        "input_size": (lambda v: _is_int(v) and 1 <= v <= MAX_INPUT_SIZE, f"an integer in [1, {MAX_INPUT_SIZE}]"),
+        "max_points": (lambda v: _is_int(v) and 1 <= v <= MAX_POINTS_LIMIT,
+                       f"an integer in [1, {MAX_POINTS_LIMIT}]"),
+        "disk_radius": (lambda v: _is_int(v) and 0 <= v <= MAX_INPUT_SIZE, "a non-negative integer"),
+        "flip": (lambda v: isinstance(v, bool), "true or false"),
+        "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
+                      "a number strictly between 0 and 1"),
+        "precision": (lambda v: v in ("fp32", "fp16", "bf16"), "'fp32', 'fp16' or 'bf16'"),
+        "arch": (lambda v: isinstance(v, dict), "a JSON object"),
+        "checkpoint_sha256": (lambda v: isinstance(v, str), "a string"),
+        "package_version": (lambda v: isinstance(v, str), "a string"),
+    }
+    for key, (ok, want) in checks.items():
+        if key in data and not ok(data[key]):
+            raise bad(key, want)
 
 
 def check_io(contract: Contract, inputs: dict[str, tuple], outputs: dict[str, tuple], source: str) -> None:

@@ -33,18 +33,28 @@ class Instance:
         return read_rgb(self.image_path), self.decode(_read_raw(self.mask_path))
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+def _decode(path: Path, what: str) -> np.ndarray:
+    """BGR pixels of an image file, or an InputError. A JPEG without its end marker is refused: OpenCV
+    decodes a truncated JPEG with only a warning on stderr, padding the missing rows with grey, and a
+    scored run would silently measure the model on a damaged image."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
+        raise InputError(f"{path}: truncated JPEG (no end-of-image marker); re-copy or re-download the {what}")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None  # = cv2.imread
     if bgr is None:
-        raise InputError(f"{path}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        raise InputError(f"{path}: not a readable {what}")
+    return bgr
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(_decode(path, "image"), cv2.COLOR_BGR2RGB)
 
 
 def _read_raw(path: Path) -> np.ndarray:
-    raw = cv2.imread(str(path), cv2.IMREAD_COLOR)  # BGR, as RITM reads masks
-    if raw is None:
-        raise InputError(f"{path}: not a readable mask")
-    return raw
+    return _decode(path, "mask")  # BGR, as RITM reads masks
 
 
 def decode_grabcut(raw: np.ndarray) -> np.ndarray:

@@ -29,3 +29,7 @@ class CheckpointError(CfrError):
 
 class EngineMismatchError(ContractError):
     """An engine was built for another GPU, TensorRT version or ONNX file."""
+
+
+class ModelOutputError(ContractError):
+    """A network returned NaN/inf or probabilities outside [0, 1] (corrupt weights, or an fp16 overflow)."""

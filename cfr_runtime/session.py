@@ -9,13 +9,14 @@ into the ROI of a zero full-resolution map, which is the next forward's previous
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from .engine import Engine
-from .errors import InputError, StateError
+from .errors import InputError, ModelOutputError, StateError
 from .resample import Resampler
 from .zoom import Box, ZoomParams, clicks_to_roi, next_roi
 
@@ -33,6 +34,25 @@ class Click:
 class _Step:
     probs: np.ndarray
     roi: Box | None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: object) -> bool:
+    """int or float (numpy scalars included), but not bool: `add_click(True, 5)` is a bug, not column 1."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_probs(probs: np.ndarray, engine: object = "the engine") -> None:
+    """Refuse a forward whose output is NaN/inf or outside [0, 1]: two reductions over S x S, cheap next to
+    the forward, and the difference between an error and a silently empty mask (NaN > threshold is False)."""
+    lo, hi = float(probs.min()), float(probs.max())
+    if not (0.0 <= lo and hi <= 1.0):  # NaN fails both comparisons
+        raise ModelOutputError(
+            f"{engine!r} returned probabilities outside [0, 1] (min {lo}, max {hi}); the model's weights are "
+            "corrupt (NaN/inf) or its precision overflowed: re-export and verify it with cfr-export")
 
 
 def validate_image(rgb: object) -> np.ndarray:
@@ -64,11 +84,20 @@ class Session:
     `adaptive=True` (A-CFR) stops once at most `cfr_threshold` pixels change between two forwards.
     """
 
-    def __init__(self, engine: Engine, *, cfr: int = 0, adaptive: bool = False, cfr_threshold: int = 20,
-                 cfr_clicks: int | None = 1, zoom_in: bool = True, zoom: ZoomParams | None = None,
-                 threshold: float | None = None):
+    def __init__(self, engine: Engine | str | os.PathLike, *, cfr: int = 0, adaptive: bool = False,
+                 cfr_threshold: int = 20, cfr_clicks: int | None = 1, zoom_in: bool = True,
+                 zoom: ZoomParams | None = None, threshold: float | None = None):
+        if isinstance(engine, (str, os.PathLike)):
+            engine = Engine(engine)  # Session("model.onnx"): a private engine for this session
+        elif not (hasattr(engine, "contract") and hasattr(engine, "new_runner")):
+            raise InputError(f"Session takes an Engine or the path of a model file, got {type(engine).__name__}")
+        for name, value in (("cfr", cfr), ("cfr_threshold", cfr_threshold), ("cfr_clicks", cfr_clicks)):
+            if value is not None and not _is_int(value):
+                raise InputError(f"{name} must be an integer, got {value!r}")
         if cfr < 0 or cfr_threshold < 0 or (cfr_clicks is not None and cfr_clicks < 1):
             raise InputError("cfr and cfr_threshold must be >= 0 and cfr_clicks >= 1 (or None for every click)")
+        if threshold is not None and not (_is_number(threshold) and 0 < threshold < 1):
+            raise InputError(f"threshold must be a probability strictly between 0 and 1, got {threshold!r}")
         self.engine = engine
         self.cfr, self.adaptive, self.cfr_threshold, self.cfr_clicks = cfr, adaptive, cfr_threshold, cfr_clicks
         self.zoom_in = zoom_in
@@ -100,11 +129,12 @@ class Session:
         """Add a click at column x, row y (image pixels); returns the new bool H x W mask."""
         self._require_image()
         h, w = self._probs.shape
-        if not (isinstance(x, (int, float, np.integer, np.floating)) and isinstance(y, (int, float, np.integer,
-                                                                                        np.floating))):
+        if not (_is_number(x) and _is_number(y)):
             raise InputError(f"click coordinates must be numbers, got x={x!r}, y={y!r}")
         if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h):
             raise InputError(f"click (x={x}, y={y}) is outside the {w}x{h} image (0 <= x < {w}, 0 <= y < {h})")
+        if not isinstance(positive, (bool, np.bool_)) and not (_is_int(positive) and positive in (0, 1)):
+            raise InputError(f"positive must be True or False, got {positive!r}")
         positive = bool(positive)
         if sum(c.positive == positive for c in self._clicks) >= self._max_points:
             kind = "positive" if positive else "negative"
@@ -112,7 +142,13 @@ class Session:
                              "larger --max-points, or undo()/reset()")
         self._history.append(_Step(self._probs.copy(), self._roi))
         self._clicks.append(Click(float(x), float(y), positive))
-        self.forwards.append(self._predict())
+        try:
+            steps = self._predict()
+        except BaseException:  # e.g. ModelOutputError or Ctrl-C: leave the session as it was before the click
+            self.forwards.append(0)
+            self.undo()
+            raise
+        self.forwards.append(steps)
         return self.mask
 
     def undo(self) -> np.ndarray:
@@ -212,6 +248,7 @@ class Session:
         self._to_net(self._probs, out=runner.prev_mask[0, 0])
         self._write_points(roi)
         probs = runner.run()[0, 0]
+        check_probs(probs, self.engine)
         out = self._spare  # ping-pong: the new map goes into the spare buffer, the old becomes spare
         out.fill(0)
         self._from_net(probs, out=out[r0:r1 + 1, c0:c1 + 1])

@@ -1,13 +1,72 @@
-"""`cfr-export CHECKPOINT --engine onnx -o DIR`: write the contract graph and prove it matches torch."""
+"""`cfr-export CHECKPOINT --engine onnx -o DIR`: write the contract graph and prove it matches torch.
+
+Every file is written under a temporary name, verified, and only then renamed over the old one: a rejected
+export never replaces a good model. Requirements of the chosen engine (TensorRT, CUDA) are checked before
+the (minutes-long) export starts.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 
+from cfr_runtime.contract import MAX_INPUT_SIZE, MAX_POINTS_LIMIT
 from cfr_runtime.errors import CfrError
+
+
+def _preflight(engine: str, device: str) -> str:
+    """Refuse up front what would fail only after the export: returns the aoti device."""
+    if engine == "trt":
+        from .trt import check_trt_available
+
+        check_trt_available()
+    if engine == "aoti":
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise CfrError("--engine aoti --device cuda: no CUDA GPU is visible to torch on this machine; "
+                           "use --device cpu (or auto), or run the export on the GPU machine")
+        return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return device
+
+
+def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, device: str,
+                 verify_seed: int | None) -> None:
+    """Compile into a staging folder, check against torch, then move the package beside the ONNX graph."""
+    from cfr_runtime.contract import INPUT_NAMES
+
+    from .aoti import aoti_engine, export_aoti
+    from .onnx_export import torch_reference, verification_cases
+    from .verify import check_output_range, worst_diff
+
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".aoti-"))
+    try:
+        package = export_aoti(checkpoint, staging, contract.input_size, contract.max_points, contract.flip,
+                              "fp16" if fp16 else "fp32", device)
+        runner = aoti_engine(package, cuda_graph=False).new_runner()
+        worst = 0.0
+        for case in verification_cases(contract, seed=verify_seed or 0):
+            for name in INPUT_NAMES:
+                getattr(runner, name)[...] = case[name]
+            runner.image_dirty = True
+            got = runner.run()
+            check_output_range(got, f"{package.name}: the compiled package")
+            worst = worst_diff(worst, got, torch_reference(graph, case))
+        tol = 2e-2 if fp16 else 1e-4
+        if not worst <= tol:  # NaN included
+            raise CfrError(f"{package.name}: compiled package does not match torch (max abs diff {worst:.3g}, "
+                           f"tolerance {tol:g}); not written")
+        for src in (package, Path(str(package) + ".json")):
+            os.replace(src, out_dir / src.name)
+        click.echo(f"wrote {out_dir / package.name}\n  aoti: max |aoti - torch fp32| = {worst:.3g} "
+                   f"(tolerance {tol:g})")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,27 +78,34 @@ from cfr_runtime.errors import CfrError
               help="Device the aoti package is compiled for.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory.")
-@click.option("--size", type=int, default=448, show_default=True, help="Network input size S (672 for DAVIS).")
-@click.option("--max-points", type=int, default=24, show_default=True, help="Click rows P per sign.")
+@click.option("--size", type=click.IntRange(1, MAX_INPUT_SIZE), default=None,
+              help="Network input size S (default: the checkpoint's own; 672 for DAVIS-style runs). Another "
+                   "size resizes the position embedding, which changes the results.")
+@click.option("--max-points", type=click.IntRange(1, MAX_POINTS_LIMIT), default=24, show_default=True,
+              help="Click rows P per sign.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip averaging inside the graph.")
 @click.option("--fp16", is_flag=True, help="fp16 graph (fp32 I/O; LayerNorm, softmax, sigmoid in fp32).")
-@click.option("--verify-seed", type=int, default=None, help="Seed of the verification inputs (default: fresh).")
-def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, max_points: int, flip: bool,
+@click.option("--verify-seed", type=click.IntRange(0, 2**31 - 1), default=None,
+              help="Seed of the verification inputs (default: fresh).")
+def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | None, max_points: int, flip: bool,
          fp16: bool, verify_seed: int | None) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
-    from .onnx_export import export_onnx
-    from .verify import verify_onnx
-
-    if size <= 0 or max_points <= 0:
-        raise click.BadParameter("--size and --max-points must be positive")
     try:
-        fp32_path, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=False)
-        report = verify_onnx(fp32_path, graph, contract, seed=verify_seed)
+        aoti_device = _preflight(engine, device)
+        from .verify import export_verified
+
+        fp32_path, contract, graph, report = export_verified(checkpoint, out_dir, size, max_points, flip,
+                                                             seed=verify_seed)
+        native = contract.arch.get("backbone_params", {}).get("img_size", [contract.input_size])[0]
+        if native != contract.input_size:
+            click.echo(f"note: the checkpoint was trained at {native} px; exported at --size "
+                       f"{contract.input_size} (position embedding resized: different results and "
+                       f"{(contract.input_size / native) ** 2:.2g}x the work per forward)")
         click.echo(f"wrote {fp32_path}\n  fp32: {report}")
         onnx_path = fp32_path
         if fp16:
-            onnx_path, contract16, _ = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=True)
-            report16 = verify_onnx(onnx_path, graph, contract16, seed=verify_seed)
+            onnx_path, _, _, report16 = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip,
+                                                        fp16=True, seed=verify_seed, reference=graph)
             click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
         if engine == "trt":
             from .trt import build_plan
@@ -47,29 +113,12 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, m
             plan = build_plan(onnx_path, out_dir)
             click.echo(f"wrote {plan}")
         if engine == "aoti":
-            import numpy as np
-            import torch
-
-            from cfr_runtime.contract import INPUT_NAMES
-
-            from .aoti import aoti_engine, export_aoti
-            from .onnx_export import torch_reference, verification_cases
-
-            dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-            package = export_aoti(checkpoint, out_dir, size, max_points, flip, "fp16" if fp16 else "fp32", dev)
-            runner = aoti_engine(package, cuda_graph=False).new_runner()
-            worst = 0.0
-            for case in verification_cases(contract, seed=verify_seed or 0):
-                for name in INPUT_NAMES:
-                    getattr(runner, name)[...] = case[name]
-                runner.image_dirty = True
-                worst = max(worst, float(np.abs(runner.run() - torch_reference(graph, case)).max()))
-            tol = 2e-2 if fp16 else 1e-4
-            click.echo(f"wrote {package}\n  aoti: max |aoti - torch fp32| = {worst:.3g} (tolerance {tol:g})")
-            if not worst <= tol:
-                raise CfrError(f"{package}: compiled package does not match torch (max abs diff {worst:.3g})")
+            _export_aoti(checkpoint, out_dir, contract, graph, fp16, aoti_device, verify_seed)
     except CfrError as exc:
         click.echo(f"cfr-export: error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # a full disk or a folder made read-only mid-export
+        click.echo(f"cfr-export: error: cannot write to {out_dir}: {exc}", err=True)
         sys.exit(2)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ from cfr_runtime.contract import (
     OUTPUT_NAMES,
     Contract,
 )
-from cfr_runtime.errors import CfrError
+from cfr_runtime.errors import CfrError, CheckpointError
 from trainer.checkpoint import load_model
 from trainer.models.graph import ContractGraph
 
@@ -78,10 +80,39 @@ def _set_metadata(model: onnx.ModelProto, contract: Contract) -> None:
     model.producer_version = cfr_runtime.__version__
 
 
-def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int = 448, max_points: int = 24,
-                flip: bool = True, fp16: bool = False) -> tuple[Path, Contract, ContractGraph]:
-    """Write `model.onnx` (or `model_fp16.onnx`) into out_dir; return its path, contract and torch graph."""
+def check_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
+    """Refuse a model with NaN/inf parameters: its graph would export and 'verify' (NaN vs NaN), then return
+    NaN probabilities, i.e. empty masks, at run time."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensors contain NaN or inf (e.g. {bad[:3]}); the training "
+                              "run that wrote this checkpoint diverged: use an earlier checkpoint")
+
+
+def _writable_dir(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=".cfr-write-test", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise ExportError(f"{out_dir}: cannot write the export there ({exc.strerror or exc}); choose another "
+                          "-o directory") from None
+    return out_dir
+
+
+def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = None, max_points: int = 24,
+                flip: bool = True, fp16: bool = False, final_name: str | None = None,
+                ) -> tuple[Path, Contract, ContractGraph]:
+    """Write `model.onnx` (or `model_fp16.onnx`) into out_dir; return its path, contract and torch graph.
+
+    size None keeps the checkpoint's own input size. The file is written under a temporary name and renamed,
+    so a crash never leaves half a model; `final_name=""` leaves it under the temporary name for the caller
+    to verify and rename (what cfr-export does, so that a rejected graph never replaces a good one).
+    """
+    out_dir = _writable_dir(Path(out_dir))
     model, info = load_model(checkpoint, input_size=size)
+    check_finite_weights(model, checkpoint)
+    size = model.backbone.patch_embed.img_size[0]
     graph = ContractGraph(model, flip=flip).eval()
     export_graph = graph
     if fp16:
@@ -92,20 +123,33 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int = 448, ma
     contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=dict(
         name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
         package_version=cfr_runtime.__version__)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dummy = example_inputs(contract)
-    tmp = out_dir / f"model.{contract.precision}.tmp.onnx"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(export_graph, tuple(torch.from_numpy(dummy[k]) for k in INPUT_NAMES), str(tmp),
-                          input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
+    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".trace.onnx")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(export_graph, tuple(torch.from_numpy(dummy[k]) for k in INPUT_NAMES), str(tmp),
+                              input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
     if fp16:
         contract = replace(contract, precision="fp16")
     _set_metadata(proto, contract)
-    path = out_dir / ("model_fp16.onnx" if fp16 else "model.onnx")
-    onnx.save(proto, str(path))
-    return path, contract, graph
+    name = ("model_fp16.onnx" if fp16 else "model.onnx") if final_name is None else final_name
+    fd, staged = tempfile.mkstemp(dir=out_dir, prefix=f".{name or 'model'}.", suffix=".partial.onnx")
+    os.close(fd)
+    try:
+        onnx.save(proto, staged)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staged, 0o666 & ~umask)  # mkstemp creates 0600; a model is an ordinary file
+        if name:
+            os.replace(staged, out_dir / name)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
+    return (out_dir / name if name else Path(staged)), contract, graph

@@ -7,6 +7,7 @@ graph may still be built with the FP16 flag (`fp16_flag=True`); an fp16 graph is
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cfr_runtime.contract import Contract
@@ -28,6 +29,12 @@ def _import_trt():
         raise TrtUnavailable(f"TensorRT is not installed ({exc}); pip install 'cfr-icl[trt]' on a CUDA machine, "
                              "or use the ONNX graph with onnxruntime") from None
     return trt
+
+
+def check_trt_available() -> None:
+    """Fail before an export starts when no plan could be built at its end (no TensorRT or no GPU)."""
+    _import_trt()
+    gpu_identity()
 
 
 def gpu_identity() -> tuple[str, str]:
@@ -80,7 +87,9 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, fp16_flag: bool = Fal
         raise CfrError(f"{onnx_path}: TensorRT failed to build a plan (see the log above)")
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / f"{onnx_path.stem}.plan"
-    plan.write_bytes(bytes(serialized))
+    staged = plan.with_name(f".{plan.name}.partial")
+    staged.write_bytes(bytes(serialized))
+    os.replace(staged, plan)  # an interrupted build never leaves half a plan under the real name
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     info = PlanInfo(contract, trt.__version__, gpu_name, cc, file_sha256(onnx_path))
     sidecar_path(plan).write_text(info.to_json())

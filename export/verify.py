@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cfr_runtime.contract import INPUT_NAMES, OUTPUT_PROBS, Contract
+from cfr_runtime.errors import CfrError, ModelOutputError
 from trainer.models.graph import ContractGraph
 
 from .onnx_export import ExportError, torch_reference, verification_cases
@@ -38,10 +40,55 @@ def verify_onnx(path: str | Path, graph: ContractGraph, contract: Contract, seed
     worst, disagree, cases = 0.0, 0.0, verification_cases(contract, seed)
     for inputs in cases:
         want = torch_reference(graph, inputs)
+        check_output_range(want, f"{path}: the torch model")
         got = sess.run([OUTPUT_PROBS], {k: inputs[k] for k in INPUT_NAMES})[0]
-        worst = max(worst, float(np.abs(got - want).max()))
+        check_output_range(got, f"{path}: the exported graph")
+        worst = worst_diff(worst, got, want)
         disagree = max(disagree, float(((got > contract.threshold) != (want > contract.threshold)).mean()))
     report = VerifyReport(worst, disagree, len(cases), tol)
     if not worst <= tol:  # also catches NaN
         raise ExportError(f"{path}: exported graph does not match torch: {report}")
     return report
+
+
+def worst_diff(worst: float, got: np.ndarray, want: np.ndarray) -> float:
+    """Running max |got - want| that keeps NaN: `max(0.0, nan)` is 0.0, which once let NaN outputs 'verify'."""
+    diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+    return float("nan") if np.isnan(worst) or np.isnan(diff) else max(worst, diff)
+
+
+def check_output_range(probs: np.ndarray, what: str) -> None:
+    """Probabilities must be finite and in [0, 1]; anything else is refused with the offending range."""
+    lo, hi = float(np.min(probs)), float(np.max(probs))
+    if not (0.0 <= lo and hi <= 1.0):
+        raise ModelOutputError(f"{what} returns values outside [0, 1] (min {lo}, max {hi}): NaN/inf weights or "
+                               "a precision overflow; nothing was kept")
+
+
+def commit(staged: Path, final: Path) -> Path:
+    """Move a verified file over the old one (atomic on one filesystem)."""
+    os.replace(staged, final)
+    return final
+
+
+def export_verified(checkpoint: str | Path, out_dir: str | Path, size: int | None, max_points: int, flip: bool,
+                    fp16: bool = False, seed: int | None = None, reference: ContractGraph | None = None,
+                    ) -> tuple[Path, Contract, ContractGraph, VerifyReport]:
+    """Export to a temporary file, verify it against torch, and only then replace `model[_fp16].onnx`.
+
+    A rejected graph is deleted and an existing model file is left untouched. `reference` is the fp32
+    graph the fp16 export is checked against (the fp32 export's graph)."""
+    from .onnx_export import export_onnx
+
+    name = "model_fp16.onnx" if fp16 else "model.onnx"
+    staged, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=fp16, final_name="")
+    try:
+        report = verify_onnx(staged, reference or graph, contract, seed=seed)
+    except CfrError as exc:
+        staged.unlink(missing_ok=True)
+        kept = " (the existing one was kept)" if (Path(out_dir) / name).exists() else ""
+        raise type(exc)(f"{name} not written{kept}: {str(exc).replace(str(staged), 'export')}") from None
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return commit(staged, Path(out_dir) / name), contract, graph, report

@@ -66,10 +66,11 @@ def test_clicker_matches_opencv_reference():
     gt = (cv2.GaussianBlur(rng.random((40, 50)), (0, 0), 4) > 0.5).astype(np.int32)
     pred = cv2.GaussianBlur(rng.random((40, 50)), (0, 0), 4) > 0.5
     y, x, positive = Clicker(gt).next_click(pred)
-    fn = np.pad((gt == 1) & ~pred, 1).astype(np.uint8)
-    dt = cv2.distanceTransform(fn, cv2.DIST_L2, 0)[1:-1, 1:-1]
-    if positive:
-        assert dt[y, x] == dt.max()
+    dts = {}
+    for sign, err in ((True, (gt == 1) & ~pred), (False, (gt == 0) & pred)):
+        dts[sign] = cv2.distanceTransform(np.pad(err, 1).astype(np.uint8), cv2.DIST_L2, 0)[1:-1, 1:-1]
+    assert positive == (dts[True].max() > dts[False].max())  # the larger error region wins, a tie is negative
+    assert dts[positive][y, x] == dts[positive].max() > 0
 
 
 def test_noc_and_summary():

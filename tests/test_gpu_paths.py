@@ -61,7 +61,7 @@ def test_sidecar_roundtrip_and_missing(tmp_path):
 
 def test_trt_backend_without_tensorrt_says_so(tmp_path):
     if HAS_TRT:
-        pytest.skip("TensorRT is installed here; the message for its absence cannot be shown")
+        pytest.skip("TensorRT is installed on this machine, so the message for its absence cannot be shown")
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"\0")
     with pytest.raises(CfrError, match="TensorRT is not installed"):
@@ -70,7 +70,7 @@ def test_trt_backend_without_tensorrt_says_so(tmp_path):
 
 def test_build_plan_without_tensorrt_says_so(tiny_onnx, tmp_path):
     if HAS_TRT:
-        pytest.skip("TensorRT is installed here")
+        pytest.skip("TensorRT is installed on this machine, so the refusal without it cannot be shown")
     from export.trt import TrtUnavailable, build_plan
 
     with pytest.raises(TrtUnavailable, match="TensorRT is not installed"):
@@ -78,15 +78,24 @@ def test_build_plan_without_tensorrt_says_so(tiny_onnx, tmp_path):
 
 
 def test_gpu_provider_options(tmp_path):
+    """Options follow the arguments: CUDA graphs on/off with cuda_graph, the TensorRT engine cache beside each
+    model (two models never share one), and the CPU provider gets none (ONNX Runtime rejects unknown keys)."""
     assert provider_with_options("CPUExecutionProvider", tmp_path / "m.onnx", True) == "CPUExecutionProvider"
-    name, opts = provider_with_options("CUDAExecutionProvider", tmp_path / "m.onnx", True)
-    assert opts == {"enable_cuda_graph": "1"}
-    name, opts = provider_with_options("TensorrtExecutionProvider", tmp_path / "m.onnx", True)
-    assert opts["trt_engine_cache_enable"] == "1" and opts["trt_cuda_graph_enable"] == "1"
+    for graph in (True, False):
+        _, cuda = provider_with_options("CUDAExecutionProvider", tmp_path / "m.onnx", graph)
+        _, trt = provider_with_options("TensorrtExecutionProvider", tmp_path / "m.onnx", graph)
+        assert cuda["enable_cuda_graph"] == trt["trt_cuda_graph_enable"] == str(int(graph))
+    _, a = provider_with_options("TensorrtExecutionProvider", tmp_path / "a" / "m.onnx", True)
+    _, b = provider_with_options("TensorrtExecutionProvider", tmp_path / "b" / "m.onnx", True)
+    assert Path(a["trt_engine_cache_path"]).parent == tmp_path / "a" and a["trt_engine_cache_path"] != \
+        b["trt_engine_cache_path"]
+    assert all(isinstance(v, str) for v in a.values())  # ORT provider options are strings
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_TRT or not _cuda(), reason="needs TensorRT and a CUDA GPU (neither is installable here)")
+@pytest.mark.skipif(not HAS_TRT or not _cuda(), reason="needs TensorRT and a CUDA GPU; missing on this machine: "
+                    + ", ".join(n for n, ok in (("TensorRT (pip install 'cfr-icl[trt]')", HAS_TRT),
+                                                ("a CUDA GPU visible to torch", _cuda())) if not ok))
 def test_trt_plan_matches_onnxruntime(tiny_onnx, tmp_path):
     from cfr_runtime import Session
     from export.trt import build_plan
@@ -101,7 +110,7 @@ def test_trt_plan_matches_onnxruntime(tiny_onnx, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU visible to torch; this machine has none")
 def test_torch_cuda_engine_matches_cpu(reference_dir):
     from cfr_runtime import Session
     from export.torch_backend import torch_engine
@@ -121,7 +130,7 @@ def test_ort_cuda_provider(tiny_onnx):
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) is not installed")
+        pytest.skip("needs onnxruntime-gpu (CUDAExecutionProvider), not installed on this machine")
     from cfr_runtime import Session
 
     gpu = Session(Engine(tiny_onnx, providers=["CUDAExecutionProvider"]))

@@ -90,12 +90,25 @@ def test_cfr_forward_counts(tiny_engine):
 
 
 def test_acfr_stops_on_threshold(tiny_engine):
-    """A-CFR with threshold 0 runs until two forwards agree exactly (or n+1 forwards)."""
+    """A-CFR-4 stops at the first forward that changes at most `cfr_threshold` pixels, else after 5 forwards;
+    restated from fixed CFR-k runs (k = 0..4) of the same click, at thresholds that make it stop at each step."""
     image, gt = blob_scene(2)
-    s = Session(tiny_engine, cfr=4, adaptive=True, cfr_threshold=0)
-    s.set_image(image)
-    s.add_click(80, 60, True)
-    assert 2 <= s.forwards[0] <= 5
+    masks = []
+    for k in range(5):
+        fixed = Session(tiny_engine, cfr=k)
+        fixed.set_image(image)
+        masks.append(fixed.add_click(80, 60, True))
+    changed = [int(np.count_nonzero(masks[i] != masks[i - 1])) for i in range(1, 5)]
+    seen = set()
+    for threshold in sorted({0, *changed}):
+        want = next((i + 2 for i, c in enumerate(changed) if c <= threshold), 5)
+        s = Session(tiny_engine, cfr=4, adaptive=True, cfr_threshold=threshold)
+        s.set_image(image)
+        s.add_click(80, 60, True)
+        print(f"threshold {threshold}: {s.forwards[0]} forwards (restated {want}; pixels changed {changed})")
+        assert s.forwards[0] == want and np.array_equal(s.mask, masks[want - 1])
+        seen.add(want)
+    assert len(seen) >= 2  # the thresholds exercised more than one stopping point
 
 
 def test_undo_and_reset_restore_state(tiny_engine):
@@ -125,6 +138,17 @@ def test_zoom_in_roi_follows_object(tiny_engine):
     s.set_image(image)
     s.add_click(300, 200, True)
     assert s.roi == (0, 399, 0, 599)  # the first click sees the whole image
+    first = s.probs > 0.5
+    s.add_click(310, 210, True)
+    # restated: box of the first mask and the positive clicks, x1.4 about its centre (>= 200 px), clamped
+    rows, cols = np.flatnonzero(first.any(1)), np.flatnonzero(first.any(0))
+    r0, r1 = min(rows[0], 200, 210), max(rows[-1], 200, 210)
+    c0, c1 = min(cols[0], 300, 310), max(cols[-1], 300, 310)
+    h, w = max(1.4 * (r1 - r0 + 1), 200), max(1.4 * (c1 - c0 + 1), 200)
+    rc, cc = (r0 + r1) / 2, (c0 + c1) / 2
+    want = (max(0, round(rc - h / 2)), min(399, round(rc + h / 2)),
+            max(0, round(cc - w / 2)), min(599, round(cc + w / 2)))
+    assert s.roi == want and s.roi != (0, 399, 0, 599), (s.roi, want)
     s2 = Session(tiny_engine, zoom_in=False)
     s2.set_image(image)
     s2.add_click(300, 200, True)

@@ -114,8 +114,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "trainer.cli", *_train_cmd(tmp_path / "ddp", 3)[3:], "--device", "cpu"]
+    """Two gloo ranks with --accum 2: the first micro-batch skips the all-reduce (no_sync), the second syncs."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "trainer.cli", *_train_cmd(tmp_path / "ddp", 3)[3:], "--device", "cpu", "--accum", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from cfr_runtime.errors import CheckpointError
+from cfr_runtime.errors import CheckpointError, InputError
 
 from .models.configs import OFFICIAL_CLASS, build_model, identify_arch
 from .models.plainvit import PlainVitModel, resize_pos_embed
@@ -142,8 +142,10 @@ def set_input_size(model: PlainVitModel, size: int) -> None:
     patch = model.backbone.patch_embed.patch_size
     window = 224 // patch[0]
     grid = (size // patch[0], size // patch[1])
-    if size % patch[0] or grid[0] % window and grid[0] > window:
-        raise ValueError(f"input size {size} must be a multiple of the patch ({patch[0]}) with whole 224 px windows")
+    if size < patch[0] or size % patch[0] or grid[0] % window and grid[0] > window:
+        ok = [k * patch[0] * window for k in range(1, 5)]
+        raise ValueError(f"input size {size} must be a multiple of the patch ({patch[0]}) with whole 224 px "
+                         f"windows, e.g. {', '.join(map(str, ok))}")
     pos = resize_pos_embed(model.backbone.pos_embed.data, grid)
     model.backbone.pos_embed = torch.nn.Parameter(pos)
     for embed in (model.backbone.patch_embed, model.patch_embed_coords):
@@ -152,21 +154,85 @@ def set_input_size(model: PlainVitModel, size: int) -> None:
         embed.num_patches = grid[0] * grid[1]
 
 
+# Sanity bounds on a config read from a file: far above every released model (ViT-H: 1280 wide, 32 deep),
+# far below what would make building the model allocate gigabytes before the state_dict is even checked.
+_LIMITS = {"embed_dim": 16384, "depth": 256, "num_heads": 1024, "img_size": 8192, "patch_size": 1024,
+           "channels": 16384, "out_dims": 16384, "mlp_ratio": 64, "in_chans": 16}
+
+
+def _pos_int(v: object, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi
+
+
+def validate_params(params: dict, path: Path | str = "checkpoint") -> None:
+    """Types and ranges of the constructor parameters that size the network, checked before building it.
+
+    A config is data from a file: `patch_size 0`, `embed_dim -5` or `img_size 10**6` must be a CheckpointError
+    that names the field, not a ZeroDivisionError from inside the model or a multi-GB allocation.
+    """
+    def bad(field: str, value: object, want: str) -> CheckpointError:
+        return CheckpointError(f"{path}: config field {field} = {value!r} is invalid ({want})")
+
+    try:
+        b, neck, head = params["backbone_params"], params["neck_params"], params["head_params"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: config lacks backbone/neck/head parameters ({exc})") from None
+    if not all(isinstance(x, dict) for x in (b, neck, head)):
+        raise CheckpointError(f"{path}: backbone/neck/head parameters must be mappings")
+    for key in ("img_size", "patch_size"):
+        v = b.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_pos_int(x, _LIMITS[key]) for x in v)):
+            raise bad(f"backbone_params.{key}", v, f"two integers in [1, {_LIMITS[key]}]")
+    if any(s < p for s, p in zip(b["img_size"], b["patch_size"])):
+        raise bad("backbone_params.patch_size", b["patch_size"], f"larger than img_size {b['img_size']}")
+    for key in ("embed_dim", "depth", "num_heads", "in_chans"):
+        if not _pos_int(b.get(key), _LIMITS[key]):
+            raise bad(f"backbone_params.{key}", b.get(key), f"an integer in [1, {_LIMITS[key]}]")
+    if b["embed_dim"] % b["num_heads"]:
+        raise bad("backbone_params.num_heads", b["num_heads"], f"must divide embed_dim {b['embed_dim']}")
+    ratio = b.get("mlp_ratio", 4)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= _LIMITS["mlp_ratio"]):
+        raise bad("backbone_params.mlp_ratio", ratio, f"a number in (0, {_LIMITS['mlp_ratio']}]")
+    if neck.get("in_dim") != b["embed_dim"]:
+        raise bad("neck_params.in_dim", neck.get("in_dim"), f"must equal embed_dim {b['embed_dim']}")
+    dims = neck.get("out_dims")
+    if not (isinstance(dims, (list, tuple)) and len(dims) == 4 and all(_pos_int(x, _LIMITS["out_dims"])
+                                                                       for x in dims)):
+        raise bad("neck_params.out_dims", dims, f"four integers in [1, {_LIMITS['out_dims']}]")
+    if list(head.get("in_channels", dims)) != list(dims):
+        raise bad("head_params.in_channels", head.get("in_channels"), f"must equal neck out_dims {list(dims)}")
+    channels = head.get("channels", 256)
+    if not (_pos_int(channels, _LIMITS["channels"]) and channels % 4 == 0):
+        raise bad("head_params.channels", channels, f"a multiple of 4 in [4, {_LIMITS['channels']}]")
+    radius = params.get("norm_radius", 5)
+    if not (isinstance(radius, (int, float)) and not isinstance(radius, bool) and 0 < radius <= 1024):
+        raise bad("norm_radius", radius, "a positive number")
+
+
 def load_model(path: str | os.PathLike, input_size: int | None = None) -> tuple[PlainVitModel, dict]:
     """Build the model a checkpoint describes, load it strictly, optionally move it to another input size.
 
+    The config is validated and the architecture built first on the meta device (no memory), so a config
+    that does not match its state_dict is refused before any real allocation.
     Returns (model in eval mode, info) where info has the params, arch name and the file's sha256.
     """
     path = Path(path)
     params, state, extras = read_checkpoint(path)
+    validate_params(params, path)
     try:
-        model = build_model(params)
-    except (TypeError, KeyError, ValueError) as exc:
+        with torch.device("meta"):
+            skeleton = build_model(params)
+    except (TypeError, KeyError, ValueError, ZeroDivisionError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: config does not describe a buildable PlainVitModel ({exc})") from None
-    _check_keys(path, model, state)
+    _check_keys(path, skeleton, state)
+    del skeleton
+    model = build_model(params)
     model.load_state_dict(state, strict=True)
     if input_size is not None and input_size != params["backbone_params"]["img_size"][0]:
-        set_input_size(model, input_size)
+        try:
+            set_input_size(model, input_size)
+        except ValueError as exc:
+            raise InputError(f"{path}: {exc}") from None
     model.eval()
     info = {
         "params": params,

@@ -3,6 +3,7 @@ DistributedDataParallel through torchrun, a metrics log and periodic NoC validat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -134,11 +135,13 @@ def train(cfg: TrainConfig) -> Path:
             rng = np.random.default_rng([cfg.seed, step, rank, micro, 1])
             torch.manual_seed(hash((cfg.seed, step, rank, micro)) % (1 << 31))
             batch = {k: torch.from_numpy(v).to(device) for k, v in data.batch(cfg.batch_size).items()}
-            sync = net.no_sync() if world > 1 and micro < cfg.accum - 1 else _null()
-            with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                loss, info = net(batch["image"], batch["target"], batch["points"], rng,
-                                 tuple(cfg.iter_weights), cfg.iterloss)
-            with sync:
+            # DDP all-reduces gradients only on the last micro-batch; no_sync() is a one-shot generator context,
+            # so forward and backward share one `with` (entering it twice raised under --accum >= 2)
+            skip_sync = world > 1 and micro < cfg.accum - 1
+            with net.no_sync() if skip_sync else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                    loss, info = net(batch["image"], batch["target"], batch["points"], rng,
+                                     tuple(cfg.iter_weights), cfg.iterloss)
                 scaler.scale(loss / cfg.accum).backward()
         scaler.step(opt)
         scaler.update()
@@ -184,10 +187,3 @@ def _plain(cfg: TrainConfig) -> dict:
     d["iter_weights"] = list(d["iter_weights"])
     return d
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
