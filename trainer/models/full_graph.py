@@ -1,0 +1,88 @@
+"""The full-resolution contract as a torch module: one click's forward at the image's own size.
+
+Everything the square contract leaves to the host happens here, computing the host's function operation
+for operation (so ONNX Runtime reproduces the numpy Session bit for bit on CPU):
+- crop-resize of the uint8 image and of the previous probabilities to S x S, bilinear align_corners=True,
+  as a row gather + lerp then a column gather + lerp over index/weight tables made on the host in float64
+  (`cfr_runtime.resample.crop_tables`); the uint8 -> [0, 1] scaling is applied after the row gather (it is
+  per pixel, so it commutes with the gather);
+- clicks from image pixels into the crop, `S * (y - r0) / (r1 - r0 + 1)`: with integer-valued float32
+  operands this float32 division is the official float64 mapping rounded to float32 (one rounding of an
+  exact quotient either way), as long as S * side < 2**24;
+- the square `ContractGraph` (normalisation, disks, flip x' = S - x' - 1, averaged logits, sigmoid);
+- paste-back into a zero H x W map through (2, H) / (2, W) tables whose weights are 0 outside the box;
+- the box of probs > zoom threshold and the A-CFR count of pixels whose (p > threshold) changed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .graph import ContractGraph
+
+
+def _lerp_rows(src: torch.Tensor, index: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    """src (R, ...) -> (len(index[0]), ...): src[i0] * w0 + src[i1] * w1, each product rounded as numpy does."""
+    shape = (-1,) + (1,) * (src.dim() - 1)
+    a = src.index_select(0, index[0])
+    b = src.index_select(0, index[1])
+    if scale is not None:  # uint8 image rows: to float32 in [0, 1] exactly as the host does (x * f32(1/255))
+        a, b = a.to(torch.float32) * scale, b.to(torch.float32) * scale
+    return a * w0.reshape(shape) + b * w1.reshape(shape)
+
+
+def _lerp_cols(src: torch.Tensor, index: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """src (R, C, ...) -> (R, len(index[0]), ...) along columns."""
+    shape = (1, -1) + (1,) * (src.dim() - 2)
+    return src.index_select(1, index[0]) * w0.reshape(shape) + src.index_select(1, index[1]) * w1.reshape(shape)
+
+
+class FullGraph(nn.Module):
+    """(image_u8, prev_probs, clicks, roi, thresholds, crop/paste tables) -> (probs_full, mask_box, changed,
+    net_probs): see `cfr_runtime.contract` for the tensor layout."""
+
+    def __init__(self, square: ContractGraph, size: int):
+        super().__init__()
+        self.square = square
+        self.size = size
+        self.register_buffer("_inv255", torch.tensor(1 / 255, dtype=torch.float32), persistent=False)
+
+    def forward(self, image_u8: torch.Tensor, prev_probs: torch.Tensor, clicks: torch.Tensor, roi: torch.Tensor,
+                thresholds: torch.Tensor, crop_index: torch.Tensor, crop_weight: torch.Tensor,
+                paste_row_index: torch.Tensor, paste_row_weight: torch.Tensor, paste_col_index: torch.Tensor,
+                paste_col_weight: torch.Tensor):
+        s = float(self.size)
+        # crop-resize: rows then columns, as cfr_runtime.resample.Resampler
+        rows = _lerp_rows(image_u8[0], crop_index[0:2], crop_weight[0], crop_weight[1], self._inv255)
+        crop = _lerp_cols(rows, crop_index[2:4], crop_weight[2], crop_weight[3])  # (S, S, 3)
+        image = crop.permute(2, 0, 1).unsqueeze(0)
+        prev_rows = _lerp_rows(prev_probs, crop_index[0:2], crop_weight[0], crop_weight[1])
+        prev = _lerp_cols(prev_rows, crop_index[2:4], crop_weight[2], crop_weight[3]).reshape(1, 1, self.size,
+                                                                                              self.size)
+        # clicks into the crop (official _transform_clicks); padding rows stay -1
+        y, x, order = clicks[:, 0:1], clicks[:, 1:2], clicks[:, 2:3]
+        invalid = torch.maximum(y, x) < 0
+        ny = (s * (y - roi[0])) / (roi[1] - roi[0] + 1)
+        nx = (s * (x - roi[2])) / (roi[3] - roi[2] + 1)
+        minus = torch.full_like(ny, -1.0)
+        points = torch.cat([torch.where(invalid, minus, ny), torch.where(invalid, minus, nx), order], dim=1)
+        net = self.square(image, prev, points.unsqueeze(0))[0, 0]  # (S, S)
+        # paste back onto zeros (weights are 0 outside the box)
+        pasted_rows = _lerp_rows(net, paste_row_index, paste_row_weight[0], paste_row_weight[1])
+        probs = _lerp_cols(pasted_rows, paste_col_index, paste_col_weight[0], paste_col_weight[1])
+        # the few numbers the host needs next
+        zoom_t, mask_t = thresholds[1], thresholds[0]
+        row_hit = probs.amax(dim=1) > zoom_t
+        col_hit = probs.amax(dim=0) > zoom_t
+        ri = torch.arange(probs.shape[0], device=probs.device)
+        ci = torch.arange(probs.shape[1], device=probs.device)
+        big = torch.full_like(ri, 1 << 30)
+        none = torch.full_like(ri, -1)
+        bigc = torch.full_like(ci, 1 << 30)
+        nonec = torch.full_like(ci, -1)
+        box = torch.stack([torch.where(row_hit, ri, big).amin(), torch.where(row_hit, ri, none).amax(),
+                           torch.where(col_hit, ci, bigc).amin(), torch.where(col_hit, ci, nonec).amax()])
+        changed = ((probs > mask_t) != (prev_probs > mask_t)).sum().reshape(1).to(torch.int64)
+        return probs, box, changed, net
