@@ -24,22 +24,31 @@ from cfr_runtime.errors import CfrError
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip averaging inside the graph.")
 @click.option("--fp16", is_flag=True, help="fp16 graph (fp32 I/O; LayerNorm, softmax, sigmoid in fp32).")
 @click.option("--verify-seed", type=int, default=None, help="Seed of the verification inputs (default: fresh).")
+@click.option("--graph", type=click.Choice(["square", "full"]), default="square", show_default=True,
+              help="square: the network at S x S, zoom-in on the host; full: the whole click at the image's "
+                   "own resolution (crop, paste-back, zoom box and A-CFR count inside the graph).")
+@click.option("--max-image", type=str, default=None, metavar="HxW",
+              help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
+@click.option("--opt-image", type=str, default=None, metavar="HxW",
+              help="full graph: the image size TensorRT tunes for (default 1024x1024).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, max_points: int, flip: bool,
-         fp16: bool, verify_seed: int | None) -> None:
+         fp16: bool, verify_seed: int | None, graph: str, max_image: str | None, opt_image: str | None) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     from .onnx_export import export_onnx
     from .verify import verify_onnx
 
     if size <= 0 or max_points <= 0:
         raise click.BadParameter("--size and --max-points must be positive")
+    limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
     try:
-        fp32_path, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=False)
-        report = verify_onnx(fp32_path, graph, contract, seed=verify_seed)
+        fp32_path, contract, torch_graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=False,
+                                                       **limits)
+        report = verify_onnx(fp32_path, torch_graph, contract, seed=verify_seed)
         click.echo(f"wrote {fp32_path}\n  fp32: {report}")
         onnx_path = fp32_path
         if fp16:
-            onnx_path, contract16, _ = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=True)
-            report16 = verify_onnx(onnx_path, graph, contract16, seed=verify_seed)
+            onnx_path, contract16, _ = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=True, **limits)
+            report16 = verify_onnx(onnx_path, torch_graph, contract16, seed=verify_seed)
             click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
         if engine == "trt":
             from .trt import build_plan
@@ -56,14 +65,23 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, m
             from .onnx_export import torch_reference, verification_cases
 
             dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-            package = export_aoti(checkpoint, out_dir, size, max_points, flip, "fp16" if fp16 else "fp32", dev)
-            runner = aoti_engine(package, cuda_graph=False).new_runner()
+            package = export_aoti(checkpoint, out_dir, size, max_points, flip, "fp16" if fp16 else "fp32", dev,
+                                  **limits)
             worst = 0.0
-            for case in verification_cases(contract, seed=verify_seed or 0):
-                for name in INPUT_NAMES:
-                    getattr(runner, name)[...] = case[name]
-                runner.image_dirty = True
-                worst = max(worst, float(np.abs(runner.run() - torch_reference(graph, case)).max()))
+            if contract.full:
+                from .aoti import full_program_outputs
+                from .onnx_export import full_verification_cases
+
+                for case in full_verification_cases(contract, seed=verify_seed or 0):
+                    got = full_program_outputs(package, case)
+                    worst = max(worst, float(np.abs(got - torch_reference(torch_graph, case)[0]).max()))
+            else:
+                runner = aoti_engine(package, cuda_graph=False).new_runner()
+                for case in verification_cases(contract, seed=verify_seed or 0):
+                    for name in INPUT_NAMES:
+                        getattr(runner, name)[...] = case[name]
+                    runner.image_dirty = True
+                    worst = max(worst, float(np.abs(runner.run() - torch_reference(torch_graph, case)).max()))
             tol = 2e-2 if fp16 else 1e-4
             click.echo(f"wrote {package}\n  aoti: max |aoti - torch fp32| = {worst:.3g} (tolerance {tol:g})")
             if not worst <= tol:
@@ -71,6 +89,19 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, m
     except CfrError as exc:
         click.echo(f"cfr-export: error: {exc}", err=True)
         sys.exit(2)
+
+
+def _hw(text: str | None, option: str) -> tuple[int, int] | None:
+    """'HxW' -> (H, W)."""
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{option} takes HxW, e.g. 4000x6000; got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise click.BadParameter(f"{option} must be positive, got {text!r}")
+    return h, w
 
 
 if __name__ == "__main__":
