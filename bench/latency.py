@@ -3,6 +3,10 @@
     python bench/latency.py                       # bundled default model, CPU
     python bench/latency.py --checkpoint M.pth --dataset ../shared/data/GrabCut --images 5
     python bench/latency.py --arch vit_base --images 1 --clicks 3   # random-init ViT-B at 448
+    python bench/latency.py --graph square,full --no-reference      # both exported contracts, same clicks
+
+Per click it also reports the host's share: the click's time minus the time inside engine calls (ONNX
+Runtime's run), i.e. what the Session itself costs (zoom-in, resampling, pasting, A-CFR counting).
 
 Clicks come from the RITM clicker on real images (or synthetic scenes), so every backend sees the same
 click sequence. Prints a table and writes JSON + Markdown under bench/results/ (or --out).
@@ -61,10 +65,34 @@ def click_trace(gt: np.ndarray, session, n: int) -> list[tuple[int, int, bool]]:
     return trace
 
 
+def instrument(session) -> list[float] | None:
+    """Accumulate the seconds spent inside engine calls of a runtime Session (None for other predictors).
+
+    The square runner's `run` is the engine call; a full-graph runner's `_execute` is (its `run` also
+    uploads the small tables and reads back four numbers, which count as host work)."""
+    runner = getattr(session, "_runner", None)
+    if runner is None:
+        return None
+    spent = [0.0]
+    name = "_execute" if hasattr(runner, "_execute") else "run"
+    call = getattr(runner, name)
+
+    def timed(*args):
+        t = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    setattr(runner, name, timed)
+    return spent
+
+
 def time_sessions(makers: dict, work, traces, sync=lambda: None) -> dict:
     """Per-click timings of several backends, interleaved click by click so that machine noise hits
     them alike (the ratios are what is compared)."""
-    times = {name: {"first": [], "later": [], "fwd": []} for name in makers}
+    times = {name: {"first": [], "later": [], "fwd": [], "host": [], "click_sum": 0.0, "host_sum": 0.0}
+             for name in makers}
     for make in makers.values():  # untimed warm-up: first-call allocations and lazy initialisation
         s = make()
         s.set_image(work[0][1])
@@ -72,23 +100,40 @@ def time_sessions(makers: dict, work, traces, sync=lambda: None) -> dict:
             s.add_click(x, y, p)
     for (_, img, _), trace in zip(work, traces):
         sessions = {name: make() for name, make in makers.items()}
+        spent = {name: instrument(s) for name, s in sessions.items()}
         for s in sessions.values():
             s.set_image(img)
         for k, (y, x, p) in enumerate(trace):
             for name, s in sessions.items():
                 sync()
+                engine_before = spent[name][0] if spent[name] else 0.0
                 t = time.perf_counter()
                 s.add_click(x, y, p)
                 sync()
                 dt = time.perf_counter() - t
                 times[name]["first" if k == 0 else "later"].append(dt)
                 times[name]["fwd"].append(dt / s.forwards[-1])
-    return {name: {"first_click_ms": pct(t["first"]), "later_click_ms": pct(t["later"]),
-                   "per_forward_ms": pct(t["fwd"])} for name, t in times.items()}
+                if spent[name] is not None:
+                    host = dt - (spent[name][0] - engine_before)
+                    times[name]["host"].append(host)
+                    times[name]["click_sum"] += dt
+                    times[name]["host_sum"] += host
+    out = {}
+    for name, t in times.items():
+        out[name] = {"first_click_ms": pct(t["first"]), "later_click_ms": pct(t["later"]),
+                     "per_forward_ms": pct(t["fwd"])}
+        if t["host"]:
+            out[name]["host_ms"] = pct(t["host"])
+            out[name]["host_share"] = t["host_sum"] / t["click_sum"]
+    return out
 
 
-def bare_forward_ms(engine, repeats: int = 10) -> float:
+def bare_forward_ms(engine, repeats: int = 10, image: np.ndarray | None = None) -> float:
+    """One engine call without the Session; a full-graph engine runs on `image` with a whole-image ROI."""
     runner = engine.new_runner()
+    if engine.contract.full:
+        runner.set_image(image)
+        runner.set_roi((0, image.shape[0] - 1, 0, image.shape[1] - 1))
     runner.run()
     t = time.perf_counter()
     for _ in range(repeats):
@@ -109,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference loop")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--graph", default="square",
+                    help="exported contracts to compare: square, full or square,full (engines 'ort', 'ort-full')")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--stem", default=None, help="result file name stem (default: from device, arch, size)")
     args = ap.parse_args(argv)
 
     import torch
@@ -133,8 +181,16 @@ def main(argv: list[str] | None = None) -> dict:
         from trainer.checkpoint import read_checkpoint
 
         args.size = 448 if args.arch else read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0]
+    graphs = args.graph.split(",")
+    if not set(graphs) <= {"square", "full"} or not graphs:
+        ap.error("--graph takes square, full or square,full")
     onnx_path, contract, _ = export_onnx(ckpt, tmp, size=args.size)
-    engines = {"ort": Engine(onnx_path, threads=args.threads)}
+    engines = {}
+    if "square" in graphs:
+        engines["ort"] = Engine(onnx_path, threads=args.threads)
+    if "full" in graphs:
+        full_path, _, _ = export_onnx(ckpt, tmp, size=args.size, graph="full")
+        engines["ort-full"] = Engine(full_path, threads=args.threads)
     model, info = load_model(ckpt, input_size=args.size)
     if args.device == "cuda":
         from bench.gpu_backends import cuda_engines
@@ -145,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     # one click trace per image, from the ORT StdInfer session, shared by every backend and mode
     traces = []
     for _, img, gt in work:
-        s = Session(engines["ort"])
+        s = Session(next(iter(engines.values())))
         s.set_image(img)
         traces.append(click_trace(gt, s, args.clicks))
 
@@ -159,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, res in time_sessions(makers, work, traces, sync).items():
             desc = repr(engines[name]) if name in engines else "official-style eager loop"
             rows.append({"backend": name, "engine": desc, "mode": mode, **res})
-    bare = {name: bare_forward_ms(e) for name, e in engines.items()}
+    bare = {name: bare_forward_ms(e, image=work[0][1]) for name, e in engines.items()}
     for r in rows:
         if r["backend"] in bare:
             r["overhead"] = r["per_forward_ms"]["p50"] / bare[r["backend"]]
@@ -177,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = render(rows, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"latency_{args.device}_{info['arch']}_{args.size}"
+    stem = args.stem or f"latency_{args.device}_{info['arch']}_{args.size}"
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(f"wrote {args.out / stem}.json and .md")
@@ -203,14 +259,15 @@ def render(rows: list[dict], meta: dict) -> str:
              f"{meta['images']} images x {meta['clicks']} clicks ({meta['dataset']}); times in ms; "
              f"bare forward p50: " + ", ".join(f"{k} {v:.1f}" for k, v in meta["bare_forward_ms"].items()), "",
              "| backend | mode | first p50 | first p90 | first p99 | later p50 | later p90 | later p99 "
-             "| per-fwd p50 | vs torch loop (first / later) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| per-fwd p50 | host p50 | host share | vs torch loop (first / later) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f, la, pf = r["first_click_ms"], r["later_click_ms"], r["per_forward_ms"]
         sp = r.get("speedup_vs_torch_loop")
         ratio = f"{sp['first_click_ms']:.2f}x / {sp['later_click_ms']:.2f}x" if sp else "-"
+        host = f"{r['host_ms']['p50']:.1f} | {100 * r['host_share']:.1f}%" if "host_ms" in r else "- | -"
         lines.append(f"| {r['backend']} | {r['mode']} | {f['p50']:.1f} | {f['p90']:.1f} | {f['p99']:.1f} | "
-                     f"{la['p50']:.1f} | {la['p90']:.1f} | {la['p99']:.1f} | {pf['p50']:.1f} | {ratio} |")
+                     f"{la['p50']:.1f} | {la['p90']:.1f} | {la['p99']:.1f} | {pf['p50']:.1f} | {host} | {ratio} |")
     return "\n".join(lines)
 
 

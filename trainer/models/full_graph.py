@@ -22,21 +22,23 @@ from torch import nn
 from .graph import ContractGraph
 
 
-def _lerp_rows(src: torch.Tensor, index: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
+def _lerp_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                scale: torch.Tensor | None = None) -> torch.Tensor:
-    """src (R, ...) -> (len(index[0]), ...): src[i0] * w0 + src[i1] * w1, each product rounded as numpy does."""
-    shape = (-1,) + (1,) * (src.dim() - 1)
-    a = src.index_select(0, index[0])
-    b = src.index_select(0, index[1])
-    if scale is not None:  # uint8 image rows: to float32 in [0, 1] exactly as the host does (x * f32(1/255))
-        a, b = a.to(torch.float32) * scale, b.to(torch.float32) * scale
-    return a * w0.reshape(shape) + b * w1.reshape(shape)
+    """src (R, ...) -> (n, ...) with index/weight (2, n): src[i0] * w0 + src[i1] * w1, each product rounded
+    as numpy rounds it. One gather of both rows (a row is a contiguous block: fast on every backend) and a
+    sum over the pair, which is the single addition a + b."""
+    n = index.shape[1]
+    rows = src.index_select(0, index.reshape(-1))
+    rows = rows.reshape((2, n) + tuple(src.shape[1:]))
+    if scale is not None:  # uint8 image rows -> float32 in [0, 1] exactly as the host does (x * f32(1/255))
+        rows = rows.to(torch.float32) * scale
+    return (rows * weight.reshape((2, n) + (1,) * (src.dim() - 1))).sum(dim=0)
 
 
-def _lerp_cols(src: torch.Tensor, index: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-    """src (R, C, ...) -> (R, len(index[0]), ...) along columns."""
-    shape = (1, -1) + (1,) * (src.dim() - 2)
-    return src.index_select(1, index[0]) * w0.reshape(shape) + src.index_select(1, index[1]) * w1.reshape(shape)
+def _lerp_cols(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """src (R, C, ...) -> (R, n, ...) along columns, as rows of the transposed map (a column gather copies
+    one element at a time; a row gather copies blocks)."""
+    return _lerp_rows(src.transpose(0, 1), index, weight).transpose(0, 1)
 
 
 class FullGraph(nn.Module):
@@ -55,12 +57,11 @@ class FullGraph(nn.Module):
                 paste_col_weight: torch.Tensor):
         s = float(self.size)
         # crop-resize: rows then columns, as cfr_runtime.resample.Resampler
-        rows = _lerp_rows(image_u8[0], crop_index[0:2], crop_weight[0], crop_weight[1], self._inv255)
-        crop = _lerp_cols(rows, crop_index[2:4], crop_weight[2], crop_weight[3])  # (S, S, 3)
+        rows = _lerp_rows(image_u8[0], crop_index[0:2], crop_weight[0:2], self._inv255)
+        crop = _lerp_cols(rows, crop_index[2:4], crop_weight[2:4])  # (S, S, 3)
         image = crop.permute(2, 0, 1).unsqueeze(0)
-        prev_rows = _lerp_rows(prev_probs, crop_index[0:2], crop_weight[0], crop_weight[1])
-        prev = _lerp_cols(prev_rows, crop_index[2:4], crop_weight[2], crop_weight[3]).reshape(1, 1, self.size,
-                                                                                              self.size)
+        prev_rows = _lerp_rows(prev_probs, crop_index[0:2], crop_weight[0:2])
+        prev = _lerp_cols(prev_rows, crop_index[2:4], crop_weight[2:4]).reshape(1, 1, self.size, self.size)
         # clicks into the crop (official _transform_clicks); padding rows stay -1
         y, x, order = clicks[:, 0:1], clicks[:, 1:2], clicks[:, 2:3]
         invalid = torch.maximum(y, x) < 0
@@ -70,8 +71,8 @@ class FullGraph(nn.Module):
         points = torch.cat([torch.where(invalid, minus, ny), torch.where(invalid, minus, nx), order], dim=1)
         net = self.square(image, prev, points.unsqueeze(0))[0, 0]  # (S, S)
         # paste back onto zeros (weights are 0 outside the box)
-        pasted_rows = _lerp_rows(net, paste_row_index, paste_row_weight[0], paste_row_weight[1])
-        probs = _lerp_cols(pasted_rows, paste_col_index, paste_col_weight[0], paste_col_weight[1])
+        pasted_rows = _lerp_rows(net, paste_row_index, paste_row_weight)
+        probs = _lerp_cols(pasted_rows, paste_col_index, paste_col_weight)
         # the few numbers the host needs next
         zoom_t, mask_t = thresholds[1], thresholds[0]
         row_hit = probs.amax(dim=1) > zoom_t
