@@ -25,20 +25,26 @@ from .graph import ContractGraph
 def _lerp_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
                scale: torch.Tensor | None = None) -> torch.Tensor:
     """src (R, ...) -> (n, ...) with index/weight (2, n): src[i0] * w0 + src[i1] * w1, each product rounded
-    as numpy rounds it. One gather of both rows (a row is a contiguous block: fast on every backend) and a
-    sum over the pair, which is the single addition a + b."""
+    as numpy rounds it. One gather of both rows (a row is a contiguous block), one multiply, one add."""
     n = index.shape[1]
-    rows = src.index_select(0, index.reshape(-1))
-    rows = rows.reshape((2, n) + tuple(src.shape[1:]))
+    rows = src.index_select(0, index.reshape(-1)).reshape((2, n) + tuple(src.shape[1:]))
     if scale is not None:  # uint8 image rows -> float32 in [0, 1] exactly as the host does (x * f32(1/255))
         rows = rows.to(torch.float32) * scale
-    return (rows * weight.reshape((2, n) + (1,) * (src.dim() - 1))).sum(dim=0)
+    rows = rows * weight.reshape((2, n) + (1,) * (src.dim() - 1))
+    return rows[0] + rows[1]
 
 
-def _lerp_cols(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """src (R, C, ...) -> (R, n, ...) along columns, as rows of the transposed map (a column gather copies
-    one element at a time; a row gather copies blocks)."""
-    return _lerp_rows(src.transpose(0, 1), index, weight).transpose(0, 1)
+def _lerp_cols(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, transpose: bool = False
+               ) -> torch.Tensor:
+    """src (R, C, ...) -> (R, n, ...) along columns. A column gather copies one element (or pixel) at a time;
+    `transpose` does it as a row gather of the transposed map instead, which pays off on full-size maps."""
+    if transpose:
+        return _lerp_rows(src.transpose(0, 1), index, weight).transpose(0, 1)
+    n = index.shape[1]
+    cols = src.index_select(1, index.reshape(-1))
+    cols = cols.reshape((src.shape[0], 2, n) + tuple(src.shape[2:]))
+    cols = cols * weight.reshape((1, 2, n) + (1,) * (src.dim() - 2))
+    return cols[:, 0] + cols[:, 1]
 
 
 class FullGraph(nn.Module):
@@ -72,7 +78,7 @@ class FullGraph(nn.Module):
         net = self.square(image, prev, points.unsqueeze(0))[0, 0]  # (S, S)
         # paste back onto zeros (weights are 0 outside the box)
         pasted_rows = _lerp_rows(net, paste_row_index, paste_row_weight)
-        probs = _lerp_cols(pasted_rows, paste_col_index, paste_col_weight)
+        probs = _lerp_cols(pasted_rows, paste_col_index, paste_col_weight, transpose=True)
         # the few numbers the host needs next
         zoom_t, mask_t = thresholds[1], thresholds[0]
         row_hit = probs.amax(dim=1) > zoom_t
@@ -85,5 +91,6 @@ class FullGraph(nn.Module):
         nonec = torch.full_like(ci, -1)
         box = torch.stack([torch.where(row_hit, ri, big).amin(), torch.where(row_hit, ri, none).amax(),
                            torch.where(col_hit, ci, bigc).amin(), torch.where(col_hit, ci, nonec).amax()])
-        changed = ((probs > mask_t) != (prev_probs > mask_t)).sum().reshape(1).to(torch.int64)
+        flips = ((probs > mask_t) != (prev_probs > mask_t)).to(torch.int32)  # int32: exact to 2**31 pixels
+        changed = flips.sum(dtype=torch.int32).reshape(1).to(torch.int64)
         return probs, box, changed, net
