@@ -36,8 +36,9 @@ def _lerp_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
 
 def _lerp_cols(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, transpose: bool = False
                ) -> torch.Tensor:
-    """src (R, C, ...) -> (R, n, ...) along columns. A column gather copies one element (or pixel) at a time;
-    `transpose` does it as a row gather of the transposed map instead, which pays off on full-size maps."""
+    """src (R, C, ...) -> (R, n, ...) along columns. A column gather copies one element (or pixel) at a time
+    (slow in ONNX Runtime); `transpose` does it as a row gather of the transposed map instead (measured
+    faster at 0.15 and 6 megapixels on CPU). The arithmetic is the same either way."""
     if transpose:
         return _lerp_rows(src.transpose(0, 1), index, weight).transpose(0, 1)
     n = index.shape[1]
@@ -64,10 +65,11 @@ class FullGraph(nn.Module):
         s = float(self.size)
         # crop-resize: rows then columns, as cfr_runtime.resample.Resampler
         rows = _lerp_rows(image_u8[0], crop_index[0:2], crop_weight[0:2], self._inv255)
-        crop = _lerp_cols(rows, crop_index[2:4], crop_weight[2:4])  # (S, S, 3)
+        crop = _lerp_cols(rows, crop_index[2:4], crop_weight[2:4], transpose=True)  # (S, S, 3)
         image = crop.permute(2, 0, 1).unsqueeze(0)
         prev_rows = _lerp_rows(prev_probs, crop_index[0:2], crop_weight[0:2])
-        prev = _lerp_cols(prev_rows, crop_index[2:4], crop_weight[2:4]).reshape(1, 1, self.size, self.size)
+        prev = _lerp_cols(prev_rows, crop_index[2:4], crop_weight[2:4], transpose=True).reshape(
+            1, 1, self.size, self.size)
         # clicks into the crop (official _transform_clicks); padding rows stay -1
         y, x, order = clicks[:, 0:1], clicks[:, 1:2], clicks[:, 2:3]
         invalid = torch.maximum(y, x) < 0
@@ -91,6 +93,7 @@ class FullGraph(nn.Module):
         nonec = torch.full_like(ci, -1)
         box = torch.stack([torch.where(row_hit, ri, big).amin(), torch.where(row_hit, ri, none).amax(),
                            torch.where(col_hit, ci, bigc).amin(), torch.where(col_hit, ci, nonec).amax()])
-        flips = ((probs > mask_t) != (prev_probs > mask_t)).to(torch.int32)  # int32: exact to 2**31 pixels
-        changed = flips.sum(dtype=torch.int32).reshape(1).to(torch.int64)
+        # per-row counts in float32 are exact (a row has < 2**24 pixels); their total is summed as int64
+        flips = ((probs > mask_t) != (prev_probs > mask_t)).to(torch.float32).sum(dim=1)
+        changed = flips.to(torch.int64).sum().reshape(1)
         return probs, box, changed, net
