@@ -91,6 +91,8 @@ class Contract:
     min_image: tuple[int, int] = (1, 1)
     opt_image: tuple[int, int] = (DEFAULT_OPT_SIDE, DEFAULT_OPT_SIDE)
     max_image: tuple[int, int] = (DEFAULT_MAX_SIDE, DEFAULT_MAX_SIDE)
+    # full graph only: flipped clicks as the official float64 value rounded once (False: as the square graph)
+    exact_flip: bool = False
 
     @property
     def full(self) -> bool:

@@ -31,8 +31,12 @@ from cfr_runtime.errors import CfrError
               help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
 @click.option("--opt-image", type=str, default=None, metavar="HxW",
               help="full graph: the image size TensorRT tunes for (default 1024x1024).")
+@click.option("--exact-flip", is_flag=True,
+              help="full graph: flipped clicks exactly as the official float64 code rounds them (the default "
+                   "reproduces the square graph's float32 flip, 1 ulp off in about a third of clicks).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, max_points: int, flip: bool,
-         fp16: bool, verify_seed: int | None, graph: str, max_image: str | None, opt_image: str | None) -> None:
+         fp16: bool, verify_seed: int | None, graph: str, max_image: str | None, opt_image: str | None,
+         exact_flip: bool) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     from .onnx_export import export_onnx
     from .verify import verify_onnx
@@ -40,6 +44,8 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, m
     if size <= 0 or max_points <= 0:
         raise click.BadParameter("--size and --max-points must be positive")
     limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
+    if exact_flip:
+        limits["exact_flip"] = True
     try:
         fp32_path, contract, torch_graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=False,
                                                        **limits)

@@ -137,7 +137,7 @@ def _set_metadata(model: onnx.ModelProto, contract: Contract) -> None:
 def build_graph(model, contract: Contract) -> ContractGraph | FullGraph:
     """The torch module of a contract (square or full) around a loaded model."""
     square = ContractGraph(model, flip=contract.flip)
-    return (FullGraph(square, contract.input_size) if contract.full else square).eval()
+    return (FullGraph(square, contract.input_size, contract.exact_flip) if contract.full else square).eval()
 
 
 def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
@@ -150,17 +150,20 @@ def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int = 448, max_points: int = 24,
                 flip: bool = True, fp16: bool = False, graph: str = GRAPH_SQUARE,
-                max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None
-                ) -> tuple[Path, Contract, ContractGraph | FullGraph]:
+                max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
+                exact_flip: bool = False) -> tuple[Path, Contract, ContractGraph | FullGraph]:
     """Write `model.onnx` (or `model_fp16.onnx`; `model_full*.onnx` for graph="full") into out_dir; return
     its path, contract and torch graph (fp32, the verification reference)."""
     if graph not in (GRAPH_SQUARE, GRAPH_FULL):
         raise ExportError(f"unknown graph {graph!r}; choose 'square' or 'full'")
     model, info = load_model(checkpoint, input_size=size)
     limits = {}
+    if exact_flip and graph != GRAPH_FULL:
+        raise ExportError("--exact-flip needs --graph full (the square graph receives clicks already mapped)")
     if graph == GRAPH_FULL:
         limits = {k: tuple(int(v) for v in val) for k, val in (("max_image", max_image), ("opt_image", opt_image))
                   if val is not None}
+        limits["exact_flip"] = bool(exact_flip)
         if max(limits.get("max_image", (0, 0))) * size >= 1 << 24:
             raise ExportError(f"--max-image {limits['max_image']} is too large for exact click mapping at S={size} "
                               f"(S * side must stay below 2**24)")

@@ -9,7 +9,10 @@ for operation (so ONNX Runtime reproduces the numpy Session bit for bit on CPU):
 - clicks from image pixels into the crop, `S * (y - r0) / (r1 - r0 + 1)`: with integer-valued float32
   operands this float32 division is the official float64 mapping rounded to float32 (one rounding of an
   exact quotient either way), as long as S * side < 2**24;
-- the square `ContractGraph` (normalisation, disks, flip x' = S - x' - 1, averaged logits, sigmoid);
+- the square `ContractGraph` (normalisation, disks, flip x' = S - x' - 1, averaged logits, sigmoid); with
+  `exact_flip` the flipped click is instead one exact quotient (S (c1 + 1 - x) - w) / w, which equals the
+  official float64 flip rounded to float32 (the square graph's float32 (S - 1) - x' is 1 ulp off in a third
+  of clicks; see bench/disk_rounding.py), and padding alone decides which rows are not clicks, as there;
 - paste-back into a zero H x W map through (2, H) / (2, W) tables whose weights are 0 outside the box;
 - the box of probs > zoom threshold and the A-CFR count of pixels whose (p > threshold) changed.
 """
@@ -52,10 +55,11 @@ class FullGraph(nn.Module):
     """(image_u8, prev_probs, clicks, roi, thresholds, crop/paste tables) -> (probs_full, mask_box, changed,
     net_probs): see `cfr_runtime.contract` for the tensor layout."""
 
-    def __init__(self, square: ContractGraph, size: int):
+    def __init__(self, square: ContractGraph, size: int, exact_flip: bool = False):
         super().__init__()
         self.square = square
         self.size = size
+        self.exact_flip = exact_flip and square.flip
         self.register_buffer("_inv255", torch.tensor(1 / 255, dtype=torch.float32), persistent=False)
 
     def forward(self, image_u8: torch.Tensor, prev_probs: torch.Tensor, clicks: torch.Tensor, roi: torch.Tensor,
@@ -77,7 +81,14 @@ class FullGraph(nn.Module):
         nx = (s * (x - roi[2])) / (roi[3] - roi[2] + 1)
         minus = torch.full_like(ny, -1.0)
         points = torch.cat([torch.where(invalid, minus, ny), torch.where(invalid, minus, nx), order], dim=1)
-        net = self.square(image, prev, points.unsqueeze(0))[0, 0]  # (S, S)
+        if self.exact_flip:
+            w = roi[3] - roi[2] + 1
+            fx = (s * (roi[3] + 1 - x) - w) / w
+            flipped = torch.cat([points[:, 0:1], torch.where(invalid, minus, fx), order], dim=1)
+            x4 = torch.cat([image, prev], dim=1)
+            net = self.square.flip_average(x4, points.unsqueeze(0), flipped.unsqueeze(0))[0, 0]
+        else:
+            net = self.square(image, prev, points.unsqueeze(0))[0, 0]  # (S, S)
         # paste back onto zeros (weights are 0 outside the box)
         pasted_rows = _lerp_rows(net, paste_row_index, paste_row_weight)
         probs = _lerp_cols(pasted_rows, paste_col_index, paste_col_weight, transpose=True)
