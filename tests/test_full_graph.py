@@ -206,3 +206,31 @@ def test_exact_flip_follows_official_loop(reference_dir, data_dir, tmp_path):
     assert worst < 1e-4
     with pytest.raises(Exception, match="needs --graph full"):
         export_onnx(ckpt, tmp_path, size=SIZE, exact_flip=True)
+
+
+def test_full_graph_runtime_imports_no_torch(engines):
+    """A Session on a full-graph engine runs in a process where importing torch (or trainer/export) fails."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import ROOT
+
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'trainer', 'export'):
+                    raise ImportError('blocked: ' + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from cfr_runtime import Engine, Session
+        s = Session(Engine({str(engines["full_path"])!r}), cfr=2, adaptive=True)
+        s.set_image(np.zeros((50, 70, 3), np.uint8))
+        m = s.add_click(10, 20, True)
+        s.undo()
+        assert m.shape == (50, 70) and s.roi is None
+        print('ok')
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
