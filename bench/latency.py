@@ -3,6 +3,10 @@
     python bench/latency.py                       # bundled default model, CPU
     python bench/latency.py --checkpoint M.pth --dataset ../shared/data/GrabCut --images 5
     python bench/latency.py --arch vit_base --images 1 --clicks 3   # random-init ViT-B at 448
+    python bench/latency.py --graph square,full --no-reference      # both exported contracts, same clicks
+
+Per click it also reports the host's share: the click's time minus the time inside engine calls (ONNX
+Runtime's run), i.e. what the Session itself costs (zoom-in, resampling, pasting, A-CFR counting).
 
 Clicks come from the RITM clicker on real images (or synthetic scenes), so every backend sees the same
 click sequence. Prints a table and writes JSON + Markdown under out/bench/ (or --out; the committed results
@@ -73,48 +77,36 @@ def click_trace(gt: np.ndarray, session, n: int) -> list[tuple[int, int, bool]]:
     return trace
 
 
-class _Timer:
-    """Seconds spent inside one engine's `run()` calls (single-threaded benchmark: clicks never overlap)."""
+def instrument(session) -> list[float] | None:
+    """Accumulate the seconds spent inside engine calls of a runtime Session (None for other predictors).
 
-    def __init__(self):
-        self.total = 0.0
+    The square runner's `run` is the engine call; a full-graph runner's `_execute` is (its `run` also
+    uploads the small tables and reads back four numbers, which count as host work). Engines lend their
+    runners to the next Session, so the untimed method is kept once and wrapped afresh, never twice."""
+    runner = getattr(session, "_runner", None)
+    if runner is None:
+        return None
+    spent = [0.0]
+    name = "_execute" if hasattr(runner, "_execute") else "run"
+    call = runner.__dict__.setdefault("_untimed", {}).setdefault(name, getattr(runner, name))
 
-
-class _TimedRunner:
-    """A runner proxy that adds the time of each `run()` to a timer; buffers pass through untouched."""
-
-    def __init__(self, runner, timer: _Timer):
-        object.__setattr__(self, "_runner", runner)
-        object.__setattr__(self, "_timer", timer)
-
-    def run(self):
+    def timed(*args):
         t = time.perf_counter()
-        out = self._runner.run()
-        self._timer.total += time.perf_counter() - t
-        return out
+        try:
+            return call(*args)
+        finally:
+            spent[0] += time.perf_counter() - t
 
-    def __getattr__(self, name):
-        return getattr(self._runner, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._runner, name, value)
+    setattr(runner, name, timed)
+    return spent
 
 
-def timed_engine(engine, timer: _Timer):
-    """The same engine, its runners timed: click time minus engine time is the host's share."""
-    from cfr_runtime import Engine
-
-    return Engine.from_runner_factory(engine.contract, lambda: _TimedRunner(engine.new_runner(), timer),
-                                      engine.backend, engine.description)
-
-
-def time_sessions(makers: dict, work, traces, sync=lambda: None, timers: dict | None = None,
-                  reference: str | None = None) -> dict:
+def time_sessions(makers: dict, work, traces, sync=lambda: None, reference: str | None = None) -> dict:
     """Per-click timings of several backends, interleaved click by click so that machine noise hits
-    them alike (the ratios are what is compared). With `timers`, also the time inside engine calls;
-    with `reference`, the share of mask pixels each backend agrees on with that backend, click by click."""
-    timers = timers or {}
-    times = {name: {"first": [], "later": [], "fwd": [], "engine": [], "host_share": []} for name in makers}
+    them alike (the ratios are what is compared): click time, the host's share of it (click time minus
+    the engine calls), and with `reference` the share of mask pixels each backend agrees on with it."""
+    times = {name: {"first": [], "later": [], "fwd": [], "host": [], "click_sum": 0.0, "host_sum": 0.0}
+             for name in makers}
     agree = {name: [0, 0] for name in makers}
     for make in makers.values():  # untimed warm-up: first-call allocations, lazy initialisation, compilation
         s = make()
@@ -124,14 +116,14 @@ def time_sessions(makers: dict, work, traces, sync=lambda: None, timers: dict | 
         del s
     for (_, img, _), trace in zip(work, traces):
         sessions = {name: make() for name, make in makers.items()}
+        spent = {name: instrument(s) for name, s in sessions.items()}
         for s in sessions.values():
             s.set_image(img)
         for k, (y, x, p) in enumerate(trace):
             masks = {}
             for name, s in sessions.items():
-                timer = timers.get(name)
-                before = timer.total if timer else 0.0
                 sync()
+                engine_before = spent[name][0] if spent[name] else 0.0
                 t = time.perf_counter()
                 masks[name] = s.add_click(x, y, p)
                 sync()
@@ -139,10 +131,11 @@ def time_sessions(makers: dict, work, traces, sync=lambda: None, timers: dict | 
                 t_ = times[name]
                 t_["first" if k == 0 else "later"].append(dt)
                 t_["fwd"].append(dt / s.forwards[-1])
-                if timer:
-                    inside = timer.total - before
-                    t_["engine"].append(inside)
-                    t_["host_share"].append(max(0.0, dt - inside) / dt)
+                if spent[name] is not None:
+                    host = dt - (spent[name][0] - engine_before)
+                    t_["host"].append(host)
+                    t_["click_sum"] += dt
+                    t_["host_sum"] += host
             if reference in masks:
                 for name, m in masks.items():
                     agree[name][0] += int(np.count_nonzero(m == masks[reference]))
@@ -152,18 +145,22 @@ def time_sessions(makers: dict, work, traces, sync=lambda: None, timers: dict | 
     for name, t in times.items():
         row = {"first_click_ms": pct(t["first"]), "later_click_ms": pct(t["later"]),
                "per_forward_ms": pct(t["fwd"])}
-        if t["engine"]:
-            row["engine_ms_per_click"] = pct(t["engine"])
-            row["host_share"] = {"p50": float(np.median(t["host_share"])), "mean": float(np.mean(t["host_share"]))}
+        if t["host"]:
+            row["host_ms"] = pct(t["host"])
+            row["host_share"] = t["host_sum"] / t["click_sum"]
         if reference in makers:
             row["mask_agreement_vs_" + reference] = agree[name][0] / max(1, agree[name][1])
         out[name] = row
     return out
 
 
-def bare_forward_ms(engine, repeats: int = 10) -> float:
-    """Median time of one engine call (buffers already uploaded), synchronised."""
+def bare_forward_ms(engine, repeats: int = 10, image: np.ndarray | None = None) -> float:
+    """Median time of one engine call without the Session (synchronised); a full-graph engine runs on
+    `image` with a whole-image ROI."""
     runner = engine.new_runner()
+    if engine.contract.full:
+        runner.set_image(image)
+        runner.set_roi((0, image.shape[0] - 1, 0, image.shape[1] - 1))
     runner.run()
     times = []
     for _ in range(repeats):
@@ -190,9 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: ort on cpu, every cuda engine that can run on cuda)")
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference loop")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--graph", default="square",
+                    help="exported contracts to compare on cpu: square, full or square,full (engines 'ort', "
+                         "'ort-full')")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench",
                     help="where JSON + Markdown go (default out/bench; pass bench/results to update the committed "
                          "results on purpose)")
+    ap.add_argument("--stem", default=None, help="result file name stem (default: from device, arch, size)")
     return ap
 
 
@@ -236,28 +237,33 @@ def main(argv: list[str] | None = None) -> dict:
 
             args.size = read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0]
         base, info = load_model(ckpt, input_size=args.size)
+    graphs = args.graph.split(",")
+    if not graphs or not set(graphs) <= {"square", "full"}:
+        ap.error("--graph takes square, full or square,full")
 
     def fresh_model():
         return copy.deepcopy(base)
 
-    exported: dict[bool, Path] = {}
+    exported: dict[tuple[bool, str], Path] = {}
 
-    def onnx_for(fp16: bool) -> Path:
+    def onnx_for(fp16: bool, graph: str = "square") -> Path:
         nonlocal ckpt
-        if fp16 not in exported:
+        if (fp16, graph) not in exported:
             if ckpt is None:
                 ckpt = save_checkpoint(tmp / f"{args.arch}.pth", base, info["params"])
-            exported[fp16] = export_onnx(ckpt, tmp, size=args.size, fp16=fp16)[0]
-        return exported[fp16]
+            exported[fp16, graph] = export_onnx(ckpt, tmp, size=args.size, fp16=fp16, graph=graph)[0]
+        return exported[fp16, graph]
 
     if args.engines:
         kinds = args.engines.split(",")
+    elif args.device == "cpu":
+        kinds = [{"square": "ort", "full": "ort-full"}[g] for g in graphs]
     else:
-        kinds = ["ort"] if args.device == "cpu" else [k for k in CUDA_ENGINES if available(k) is None]
+        kinds = [k for k in CUDA_ENGINES if available(k) is None]
     engines, skipped = {}, {}
     for kind in kinds:
-        if kind == "ort":
-            engines["ort"] = Engine(onnx_for(False), threads=args.threads)
+        if kind in ("ort", "ort-full"):
+            engines[kind] = Engine(onnx_for(False, "full" if kind == "ort-full" else "square"), threads=args.threads)
             continue
         if args.device != "cuda":
             raise SystemExit(f"engine {kind} needs --device cuda")
@@ -280,20 +286,19 @@ def main(argv: list[str] | None = None) -> dict:
         traces.append(click_trace(gt, s, args.clicks))
         del s
 
-    timers = {name: _Timer() for name in engines}
-    timed = {name: timed_engine(e, timers[name]) for name, e in engines.items()}
     rows = []
     ref_name = f"torch-loop-{args.device}"
     for mode in args.modes.split(","):
         kw = MODES[mode]
-        makers = {name: (lambda e=engine, kw=kw: Session(e, **kw)) for name, engine in timed.items()}
+        makers = {name: (lambda e=engine, kw=kw: Session(e, **kw)) for name, engine in engines.items()}
         if ref_model is not None:
             makers[ref_name] = lambda kw=kw: ReferencePredictor(ref_model, size=args.size, device=args.device, **kw)
-        results = time_sessions(makers, work, traces, sync, timers, ref_name if ref_model is not None else None)
+        results = time_sessions(makers, work, traces, sync, ref_name if ref_model is not None else None)
         for name, res in results.items():
             desc = repr(engines[name]) if name in engines else "official-style eager fp32 loop"
             rows.append({"backend": name, "engine": desc, "mode": mode, **res})
-    bare = {name: bare_forward_ms(e, 50 if args.device == "cuda" else 10) for name, e in engines.items()}
+    bare = {name: bare_forward_ms(e, 50 if args.device == "cuda" else 10, image=work[0][1])
+            for name, e in engines.items()}
     flops = forward_flops(base, args.size)
     for r in rows:
         if r["backend"] in bare:
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = render(rows, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"latency_{args.device}_{info['arch']}_{args.size}"
+    stem = args.stem or f"latency_{args.device}_{info['arch']}_{args.size}"
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(f"wrote {args.out / stem}.json and .md")
@@ -350,18 +355,18 @@ def render(rows: list[dict], meta: dict) -> str:
     if meta.get("skipped_engines"):
         lines.append("not run: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped_engines"].items()))
     lines += ["", "| backend | mode | first p50 | first p90 | first p99 | later p50 | later p90 | later p99 "
-              "| per-fwd p50 | host share | TFLOP/s | mask agree | vs torch loop (first / later) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| per-fwd p50 | host p50 | host share | TFLOP/s | mask agree | vs torch loop (first / later) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f, la, pf = r["first_click_ms"], r["later_click_ms"], r["per_forward_ms"]
         sp = r.get("speedup_vs_torch_loop")
         ratio = f"{sp['first_click_ms']:.2f}x / {sp['later_click_ms']:.2f}x" if sp else "-"
-        host = f"{100 * r['host_share']['p50']:.0f}%" if "host_share" in r else "-"
-        tf = f"{r['tflops_per_s']:.0f}" if "tflops_per_s" in r else "-"
+        host = [_ms(r["host_ms"]["p50"]), f"{100 * r['host_share']:.1f}%"] if "host_ms" in r else ["-", "-"]
+        tf = f"{r['tflops_per_s']:.3g}" if "tflops_per_s" in r else "-"
         agree = next((v for k, v in r.items() if k.startswith("mask_agreement")), None)
         ag = f"{100 * agree:.3f}%" if agree is not None else "-"
         cells = [_ms(f["p50"]), _ms(f["p90"]), _ms(f["p99"]), _ms(la["p50"]), _ms(la["p90"]), _ms(la["p99"]),
-                 _ms(pf["p50"]), host, tf, ag]
+                 _ms(pf["p50"]), *host, tf, ag]
         lines.append(f"| {r['backend']} | {r['mode']} | {' | '.join(cells)} | {ratio} |")
     return "\n".join(lines)
 

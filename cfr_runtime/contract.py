@@ -2,6 +2,13 @@
 
 `export` writes graphs that satisfy it and `cfr_runtime` checks every model file against it, so a file
 from elsewhere fails at load time with a clear message instead of producing wrong masks.
+
+Two graphs exist, chosen at export time (`graph` in the metadata):
+- "square": the network at S x S; zoom-in crop/paste run on the host (numpy).
+- "full": the whole forward at the image's own resolution: crop-resize of the uint8 image and of the
+  previous probabilities through host-made index/weight tables, click mapping, disks, flip, sigmoid,
+  paste-back, and the few numbers the host needs next (box of probs > 0.5, A-CFR change count).
+Version 1 files (before "full" existed) carry no `graph` field and load as "square".
 """
 
 from __future__ import annotations
@@ -9,9 +16,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from .errors import ContractError
+import numpy as np
 
-CONTRACT_VERSION = 1
+from .errors import ContractError, InputError
+
+CONTRACT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: square graph only, no `graph` / image-size fields
+
+GRAPH_SQUARE = "square"
+GRAPH_FULL = "full"
+GRAPHS = (GRAPH_SQUARE, GRAPH_FULL)
 
 INPUT_IMAGE = "image"  # (1, 3, S, S) float32 RGB in [0, 1]
 INPUT_PREV_MASK = "prev_mask"  # (1, 1, S, S) float32 probabilities
@@ -20,6 +34,35 @@ OUTPUT_PROBS = "probs"  # (1, 1, S, S) float32, sigmoid applied
 
 INPUT_NAMES = (INPUT_IMAGE, INPUT_PREV_MASK, INPUT_POINTS)
 OUTPUT_NAMES = (OUTPUT_PROBS,)
+
+# ---- the full-resolution graph ("full"); H x W is the image's own size, dynamic within the recorded limits
+FULL_IMAGE = "image_u8"  # (1, H, W, 3) uint8 RGB as the app holds it
+FULL_PREV = "prev_probs"  # (H, W) float32, the previous forward's full-resolution probabilities
+FULL_CLICKS = "clicks"  # (2P, 3) float32 (y, x, order) in image pixels; P positives then P negatives; pad -1
+FULL_ROI = "roi"  # (4,) float32 zoom-in box (r0, r1, c0, c1), inclusive, integers
+FULL_THRESHOLDS = "thresholds"  # (2,) float32: (mask threshold for the A-CFR count, zoom-in prob threshold)
+FULL_CROP_INDEX = "crop_index"  # (4, S) int64: row i0, row i1, col i0, col i1 of the crop-resize
+FULL_CROP_WEIGHT = "crop_weight"  # (4, S) float32: row w0, row w1, col w0, col w1
+FULL_PASTE_ROWS = "paste_row_index"  # (2, H) int64: i0, i1 into the S net rows (0 outside the box)
+FULL_PASTE_ROW_W = "paste_row_weight"  # (2, H) float32: w0, w1 (both 0 outside the box: paste onto zeros)
+FULL_PASTE_COLS = "paste_col_index"  # (2, W) int64
+FULL_PASTE_COL_W = "paste_col_weight"  # (2, W) float32
+FULL_OUT_PROBS = "probs_full"  # (H, W) float32, the new probabilities (zero outside the box)
+FULL_OUT_BOX = "mask_box"  # (4,) int64 (rmin, rmax, cmin, cmax) of probs > zoom threshold; rmin > rmax: empty
+FULL_OUT_CHANGED = "changed"  # (1,) int64 pixels whose (p > mask threshold) differs from prev_probs's
+FULL_OUT_NET = "net_probs"  # (S, S) float32 probabilities before paste-back (undo history keeps these)
+
+FULL_INPUT_NAMES = (FULL_IMAGE, FULL_PREV, FULL_CLICKS, FULL_ROI, FULL_THRESHOLDS, FULL_CROP_INDEX,
+                    FULL_CROP_WEIGHT, FULL_PASTE_ROWS, FULL_PASTE_ROW_W, FULL_PASTE_COLS, FULL_PASTE_COL_W)
+FULL_OUTPUT_NAMES = (FULL_OUT_PROBS, FULL_OUT_BOX, FULL_OUT_CHANGED, FULL_OUT_NET)
+FULL_SMALL_INPUTS = (FULL_CLICKS, FULL_ROI, FULL_THRESHOLDS, FULL_CROP_INDEX, FULL_CROP_WEIGHT,
+                     FULL_PASTE_ROWS, FULL_PASTE_ROW_W, FULL_PASTE_COLS, FULL_PASTE_COL_W)
+DIM_H, DIM_W = "H", "W"  # symbolic dims of the full graph
+
+# Default image-size limits of a full graph. Clicks map into the crop in float32 as S * (y - r0) / h; that
+# equals the official float64 mapping rounded to float32 while S * side < 2**24 (all operands exact).
+DEFAULT_MAX_SIDE = 8192
+DEFAULT_OPT_SIDE = 1024
 
 META_KEY = "cfr_icl.contract"  # one JSON document in the ONNX metadata_props
 
@@ -43,8 +86,50 @@ class Contract:
     checkpoint_sha256: str = ""
     package_version: str = ""
     contract_version: int = CONTRACT_VERSION
+    graph: str = GRAPH_SQUARE
+    # full graph only: image sizes (H, W) the engine accepts (min, TensorRT's optimisation point, max)
+    min_image: tuple[int, int] = (1, 1)
+    opt_image: tuple[int, int] = (DEFAULT_OPT_SIDE, DEFAULT_OPT_SIDE)
+    max_image: tuple[int, int] = (DEFAULT_MAX_SIDE, DEFAULT_MAX_SIDE)
+    # full graph only: flipped clicks as the official float64 value rounded once (False: as the square graph)
+    exact_flip: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.graph == GRAPH_FULL
+
+    def input_names(self) -> tuple[str, ...]:
+        return FULL_INPUT_NAMES if self.full else INPUT_NAMES
+
+    def output_names(self) -> tuple[str, ...]:
+        return FULL_OUTPUT_NAMES if self.full else OUTPUT_NAMES
+
+    def io(self, h: int | str = DIM_H, w: int | str = DIM_W) -> dict[str, tuple[tuple, type]]:
+        """name -> (shape, numpy dtype) of every tensor; the full graph's H / W symbolic unless given."""
+        if not self.full:
+            return {name: (shape, np.float32) for name, shape in self.shapes().items()}
+        s, p = self.input_size, self.max_points
+        f32, i64 = np.float32, np.int64
+        return {
+            FULL_IMAGE: ((1, h, w, 3), np.uint8), FULL_PREV: ((h, w), f32), FULL_CLICKS: ((2 * p, 3), f32),
+            FULL_ROI: ((4,), f32), FULL_THRESHOLDS: ((2,), f32), FULL_CROP_INDEX: ((4, s), i64),
+            FULL_CROP_WEIGHT: ((4, s), f32), FULL_PASTE_ROWS: ((2, h), i64), FULL_PASTE_ROW_W: ((2, h), f32),
+            FULL_PASTE_COLS: ((2, w), i64), FULL_PASTE_COL_W: ((2, w), f32),
+            FULL_OUT_PROBS: ((h, w), f32), FULL_OUT_BOX: ((4,), i64), FULL_OUT_CHANGED: ((1,), i64),
+            FULL_OUT_NET: ((s, s), f32),
+        }
+
+    def check_image_size(self, h: int, w: int) -> None:
+        """Refuse an image outside the sizes a full graph was exported (and, for TensorRT, built) for."""
+        (h0, w0), (h1, w1) = self.min_image, self.max_image
+        if not (h0 <= h <= h1 and w0 <= w <= w1):
+            raise InputError(f"image {w}x{h} (W x H) is outside the sizes this engine accepts "
+                             f"({w0}x{h0} .. {w1}x{h1}); re-export with cfr-export --graph full --max-image, "
+                             "or resize the image")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.full:
+            return {name: shape for name, (shape, _) in self.io().items()}
         s, p = self.input_size, self.max_points
         return {
             INPUT_IMAGE: (1, 3, s, s),
@@ -65,17 +150,24 @@ class Contract:
         if not isinstance(data, dict):
             raise ContractError(f"{source}: the '{META_KEY}' metadata is not a JSON object")
         version = data.get("contract_version")
-        if version != CONTRACT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ContractError(
-                f"{source}: contract version {version!r} is not supported (this runtime reads version "
-                f"{CONTRACT_VERSION}); re-export the model with this package's cfr-export"
+                f"{source}: contract version {version!r} is not supported (this runtime reads versions "
+                f"{list(READABLE_VERSIONS)}); re-export the model with this package's cfr-export"
             )
         known = set(cls.__dataclass_fields__)
         validate_metadata(data, source)
+        fields = {k: v for k, v in data.items() if k in known}
         try:
-            contract = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
+            for key in ("min_image", "opt_image", "max_image"):
+                if key in fields:
+                    fields[key] = tuple(int(v) for v in fields[key])
+            contract = cls(**fields)
+        except (TypeError, ValueError) as exc:
             raise ContractError(f"{source}: malformed contract metadata ({exc})") from None
+        if contract.graph not in GRAPHS:
+            raise ContractError(f"{source}: unknown graph kind {contract.graph!r} (this runtime knows {GRAPHS}); "
+                                "upgrade cfr-icl or re-export the model")
         return contract
 
 
@@ -83,6 +175,7 @@ class Contract:
 # buffer per session already; beyond that a file is corrupt or hostile, not a model.
 MAX_INPUT_SIZE = 4096
 MAX_POINTS_LIMIT = 4096
+MAX_IMAGE_SIDE = 1 << 16  # full graph: image sides a file may declare (exact click mapping needs S * side < 2**24)
 
 
 def _is_int(v: object) -> bool:
@@ -111,6 +204,12 @@ def validate_metadata(data: dict, source: str = "model") -> None:
         "arch": (lambda v: isinstance(v, dict), "a JSON object"),
         "checkpoint_sha256": (lambda v: isinstance(v, str), "a string"),
         "package_version": (lambda v: isinstance(v, str), "a string"),
+        "graph": (lambda v: isinstance(v, str), "a graph kind name"),
+        "exact_flip": (lambda v: isinstance(v, bool), "true or false"),
+        **{key: (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(d) and 1 <= d <= MAX_IMAGE_SIDE
+                                                                                 for d in v),
+                 f"[H, W] with integer sides in [1, {MAX_IMAGE_SIDE}]")
+           for key in ("min_image", "opt_image", "max_image")},
     }
     for key, (ok, want) in checks.items():
         if key in data and not ok(data[key]):
@@ -120,7 +219,8 @@ def validate_metadata(data: dict, source: str = "model") -> None:
 def check_io(contract: Contract, inputs: dict[str, tuple], outputs: dict[str, tuple], source: str) -> None:
     """Check a graph's declared tensors (name -> shape, symbolic dims as str/None) against the contract."""
     want = contract.shapes()
-    for names, have, kind in ((INPUT_NAMES, inputs, "input"), (OUTPUT_NAMES, outputs, "output")):
+    for names, have, kind in ((contract.input_names(), inputs, "input"), (contract.output_names(), outputs,
+                                                                          "output")):
         if set(have) != set(names):
             raise ContractError(
                 f"{source}: expected {kind}s {list(names)}, found {sorted(have)}; "

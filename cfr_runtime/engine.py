@@ -1,7 +1,9 @@
 """Engine: one loaded network on one backend, shared by many sessions; each session gets its own Runner.
 
 A Runner owns the contract's input/output buffers, bound once to the backend, so a click writes a few
-bytes of points in place and runs: no per-forward allocation and no feed dictionaries.
+bytes of points in place and runs: no per-forward allocation and no feed dictionaries. Engines of the
+full-resolution contract (`contract.full`) hand out `cfr_runtime.full_runner.FullRunner`s instead, which
+keep the image and the probability maps in the backend's memory.
 """
 
 from __future__ import annotations

@@ -71,3 +71,24 @@ class Resampler:
 
 def resize_bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return Resampler(0, src.shape[0], 0, src.shape[1], out_h, out_w)(src.astype(np.float32, copy=False))
+
+
+def crop_tables(roi: tuple[int, int, int, int], size: int, index: np.ndarray, weight: np.ndarray) -> None:
+    """Fill the full graph's (4, S) crop tables for an inclusive ROI: rows i0, i1 / cols i0, i1 and weights.
+
+    The same float64 `Axis` tables as the host `Resampler`, so the graph's gather + lerp is the host crop.
+    """
+    r0, r1, c0, c1 = roi
+    for k, axis in ((0, Axis(r1 - r0 + 1, size, r0)), (2, Axis(c1 - c0 + 1, size, c0))):
+        index[k], index[k + 1] = axis.i0, axis.i1
+        weight[k], weight[k + 1] = axis.w0, axis.w1
+
+
+def paste_axis(lo: int, hi: int, size: int, index: np.ndarray, weight: np.ndarray) -> None:
+    """Fill one axis of the paste tables ((2, H) or (2, W)): resize S samples onto [lo, hi]; both weights 0
+    outside, so the graph's paste is exactly 0 there (the official zero canvas)."""
+    axis = Axis(size, hi - lo + 1)
+    index.fill(0)
+    weight.fill(0)
+    index[0, lo:hi + 1], index[1, lo:hi + 1] = axis.i0, axis.i1
+    weight[0, lo:hi + 1], weight[1, lo:hi + 1] = axis.w0, axis.w1

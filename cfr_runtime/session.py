@@ -4,6 +4,15 @@ Per forward this reproduces the official `BasePredictor.get_prediction` with Zoo
 choose the ROI from the previous probabilities, crop-resize image and previous probabilities to S x S,
 map clicks into the crop, run the graph (flip and sigmoid inside), and paste the S x S probabilities back
 into the ROI of a zero full-resolution map, which is the next forward's previous mask.
+
+On a square engine (contract graph "square") the crop, paste and A-CFR count run here in numpy. On a
+full-resolution engine (graph "full") they run inside the engine: per forward the host only updates the
+zoom-in box from the four numbers the engine returned and writes the click rows; the map stays in the
+engine's buffers and is copied out once per click.
+
+Undo history: per click the S x S probabilities of its last forward and the ROI they were pasted into.
+The full map is exactly that paste (zero outside the ROI), so undo restores it bit for bit from S*S floats
+(0.8 MB at S=448) whatever the image size: 48 clicks on a 24-megapixel image keep 38 MB, not 4.6 GB.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import numpy as np
 from .engine import Engine
 from .errors import InputError, ModelOutputError, StateError
 from .resample import Resampler
-from .zoom import Box, ZoomParams, clicks_to_roi, next_roi
+from .zoom import Box, ZoomParams, clicks_to_roi, next_roi, next_roi_from_box
 
 
 @dataclass(frozen=True)
@@ -32,8 +41,11 @@ class Click:
 
 @dataclass
 class _Step:
-    probs: np.ndarray
-    roi: Box | None
+    """The state after one click, for undo(): the full map is the paste of `net` into `roi`."""
+
+    net: np.ndarray  # (S, S) float32 probabilities of the click's last forward
+    roi: Box
+    box: Box | None  # box of probs > zoom threshold (what the next zoom-in decision reads)
 
 
 def _is_int(v: object) -> bool:
@@ -105,6 +117,7 @@ class Session:
         self.threshold = engine.contract.threshold if threshold is None else threshold
         self._size = engine.contract.input_size
         self._max_points = engine.contract.max_points
+        self._full = engine.contract.full
         self._runner = engine.new_runner()
         # the runner (device buffers, a captured CUDA graph) goes back to the engine with this Session
         weakref.finalize(self, engine.release_runner, self._runner)
@@ -117,8 +130,15 @@ class Session:
     def set_image(self, rgb: np.ndarray) -> None:
         """Start annotating a new image (uint8 H x W x 3 RGB); clears clicks and history."""
         rgb = validate_image(rgb)
-        self._image = rgb.astype(np.float32) * np.float32(1 / 255)
         h, w = rgb.shape[:2]
+        if self._full:  # the engine keeps the image and both maps; the host keeps nothing image-sized
+            self._runner.set_image(rgb)
+            self._runner.set_thresholds(self.threshold, self.zoom.prob_thresh)
+            self._image, self._shape = rgb, (h, w)
+            self.reset()
+            return
+        self._image = rgb.astype(np.float32) * np.float32(1 / 255)
+        self._shape = (h, w)
         self._probs = np.zeros((h, w), np.float32)
         self._spare = np.zeros((h, w), np.float32)  # ping-pong partner of _probs
         self._masks = (np.zeros((h, w), bool), np.zeros((h, w), bool))  # A-CFR's consecutive masks
@@ -128,7 +148,7 @@ class Session:
     def add_click(self, x: float, y: float, positive: bool = True) -> np.ndarray:
         """Add a click at column x, row y (image pixels); returns the new bool H x W mask."""
         self._require_image()
-        h, w = self._probs.shape
+        h, w = self._shape
         if not (_is_number(x) and _is_number(y)):
             raise InputError(f"click coordinates must be numbers, got x={x!r}, y={y!r}")
         if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h):
@@ -140,15 +160,20 @@ class Session:
             kind = "positive" if positive else "negative"
             raise InputError(f"this engine takes at most {self._max_points} {kind} clicks; re-export with a "
                              "larger --max-points, or undo()/reset()")
-        self._history.append(_Step(self._probs.copy(), self._roi))
         self._clicks.append(Click(float(x), float(y), positive))
         try:
-            steps = self._predict()
+            steps = self._predict_full() if self._full else self._predict()
         except BaseException:  # e.g. ModelOutputError or Ctrl-C: leave the session as it was before the click
-            self.forwards.append(0)
-            self.undo()
+            self._clicks.pop()
+            self._restore_last()
             raise
         self.forwards.append(steps)
+        if self._full:
+            self._host = self._runner.probs()  # the one copy out per click (a view on CPU backends)
+            net = self._runner.net_probs()
+        else:
+            net = self._net.copy()
+        self._history.append(_Step(net, self._roi, self._box))
         return self.mask
 
     def undo(self) -> np.ndarray:
@@ -156,12 +181,28 @@ class Session:
         self._require_image()
         if not self._clicks:
             raise StateError("undo() with no clicks to undo")
-        step = self._history.pop()
+        self._history.pop()
         self._clicks.pop()
         self.forwards.pop()
-        self._probs[...] = step.probs
-        self._roi = step.roi
+        self._restore_last()
         return self.mask
+
+    def _restore_last(self) -> None:
+        """Probabilities, box and ROI as they were after the last click in the history (exact: the map is
+        that click's S x S output pasted into its ROI, as the forward wrote it)."""
+        if not self._history:
+            self._clear_probs()
+            return
+        step = self._history[-1]
+        r0, r1, c0, c1 = self._roi = step.roi
+        self._box = step.box
+        s = self._size
+        probs = np.zeros(self._shape, np.float32) if self._full else self._probs
+        probs.fill(0)
+        Resampler(0, s, 0, s, r1 - r0 + 1, c1 - c0 + 1)(step.net, out=probs[r0:r1 + 1, c0:c1 + 1])
+        if self._full:
+            self._runner.load_probs(probs)
+            self._host = self._runner.probs()
 
     def reset(self) -> None:
         """Remove every click of the current image."""
@@ -169,9 +210,17 @@ class Session:
         self._clicks.clear()
         self._history.clear()
         self.forwards.clear()
-        self._probs.fill(0)
-        self._roi: Box | None = None
+        self._clear_probs()
         self._cached_roi: Box | None = None
+
+    def _clear_probs(self) -> None:
+        self._roi: Box | None = None
+        self._box: Box | None = None
+        if self._full:
+            self._runner.load_probs(None)
+            self._host = self._runner.probs()
+        else:
+            self._probs.fill(0)
 
     @property
     def clicks(self) -> list[Click]:
@@ -181,14 +230,14 @@ class Session:
     def probs(self) -> np.ndarray:
         """Probability map at image resolution (read-only view; copy it to keep it)."""
         self._require_image()
-        view = self._probs.view()
+        view = (self._host if self._full else self._probs).view()
         view.flags.writeable = False
         return view
 
     @property
     def mask(self) -> np.ndarray:
         self._require_image()
-        return self._probs > self.threshold
+        return (self._host if self._full else self._probs) > self.threshold
 
     @property
     def roi(self) -> Box | None:
@@ -199,11 +248,13 @@ class Session:
     def nbytes(self) -> int:
         """Memory this session holds (image, probability maps, undo history, runner buffers), for services
         that cap the memory of many sessions."""
-        if self._image is None:
-            arrays: list[np.ndarray] = []
-        else:
-            arrays = [self._image, self._probs, self._spare, *self._masks, self._roi_hwc,
-                      *(step.probs for step in self._history)]
+        arrays: list[np.ndarray] = []
+        if self._image is not None:
+            arrays = [self._image, *(step.net for step in self._history)]
+            if self._full:
+                arrays += [a for a in (getattr(self, "_host", None),) if isinstance(a, np.ndarray)]
+            else:
+                arrays += [self._probs, self._spare, *self._masks, self._roi_hwc]
         runner = self._runner
         arrays += [a for a in (getattr(runner, n, None) for n in ("image", "prev_mask", "points"))
                    if isinstance(a, np.ndarray)]
@@ -247,12 +298,43 @@ class Session:
             self._cached_roi = roi
         self._to_net(self._probs, out=runner.prev_mask[0, 0])
         self._write_points(roi)
-        probs = runner.run()[0, 0]
+        probs = self._net = runner.run()[0, 0]
         check_probs(probs, self.engine)
         out = self._spare  # ping-pong: the new map goes into the spare buffer, the old becomes spare
         out.fill(0)
         self._from_net(probs, out=out[r0:r1 + 1, c0:c1 + 1])
         self._spare, self._probs = self._probs, out
+
+    def _predict_full(self) -> int:
+        """The same loop on a full-resolution engine: per forward, the ROI from four numbers and one call."""
+        n = len(self._clicks)
+        steps = 1
+        if self.cfr > 0 and (self.cfr_clicks is None or n <= self.cfr_clicks):
+            steps += self.cfr
+        runner, (h, w) = self._runner, self._shape
+        runner.set_clicks(self._click_rows())
+        positives = [(c.y, c.x) for c in self._clicks if c.positive]
+        for i in range(steps):
+            if self.zoom_in:
+                roi = next_roi_from_box(self._roi, self._box, (h, w), positives, self.zoom)
+            else:
+                roi = (0, h - 1, 0, w - 1)
+            self._roi = roi
+            runner.set_roi(roi)
+            self._box, changed = runner.run()
+            if self.adaptive and steps > 1 and i > 0 and changed <= self.cfr_threshold:
+                return i + 1
+        return steps
+
+    def _click_rows(self) -> np.ndarray:
+        """(2P, 3) rows (y, x, order) in image pixels: positives from row 0, negatives from row P, pad -1."""
+        p = self._max_points
+        rows = np.full((2 * p, 3), -1.0, np.float32)
+        n_pos = n_neg = 0
+        for order, c in enumerate(self._clicks):
+            rows[n_pos if c.positive else p + n_neg] = (c.y, c.x, order)
+            n_pos, n_neg = n_pos + c.positive, n_neg + (not c.positive)
+        return rows
 
     def _write_points(self, roi: Box) -> None:
         pts = self._runner.points[0]

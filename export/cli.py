@@ -36,27 +36,33 @@ def _preflight(engine: str, device: str) -> str:
 
 
 def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, device: str,
-                 verify_seed: int | None) -> None:
+                 verify_seed: int | None, limits: dict) -> None:
     """Compile into a staging folder, check against torch, then move the package beside the ONNX graph."""
     from cfr_runtime.contract import INPUT_NAMES
 
-    from .aoti import aoti_engine, export_aoti
-    from .onnx_export import torch_reference, verification_cases
+    from .aoti import aoti_engine, export_aoti, full_program_outputs
+    from .onnx_export import full_verification_cases, torch_reference, verification_cases
     from .verify import check_output_range, worst_diff
 
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".aoti-"))
     try:
         package = export_aoti(checkpoint, staging, contract.input_size, contract.max_points, contract.flip,
-                              "fp16" if fp16 else "fp32", device)
-        runner = aoti_engine(package, cuda_graph=False).new_runner()
+                              "fp16" if fp16 else "fp32", device, **limits)
         worst = 0.0
-        for case in verification_cases(contract, seed=verify_seed or 0):
-            for name in INPUT_NAMES:
-                getattr(runner, name)[...] = case[name]
-            runner.image_dirty = True
-            got = runner.run()
-            check_output_range(got, f"{package.name}: the compiled package")
-            worst = worst_diff(worst, got, torch_reference(graph, case))
+        if contract.full:
+            for case in full_verification_cases(contract, seed=verify_seed or 0):
+                got = full_program_outputs(package, case)
+                check_output_range(got, f"{package.name}: the compiled package")
+                worst = worst_diff(worst, got, torch_reference(graph, case)[0])
+        else:
+            runner = aoti_engine(package, cuda_graph=False).new_runner()
+            for case in verification_cases(contract, seed=verify_seed or 0):
+                for name in INPUT_NAMES:
+                    getattr(runner, name)[...] = case[name]
+                runner.image_dirty = True
+                got = runner.run()
+                check_output_range(got, f"{package.name}: the compiled package")
+                worst = worst_diff(worst, got, torch_reference(graph, case))
         tol = 2e-2 if fp16 else 1e-4
         if not worst <= tol:  # NaN included
             raise CfrError(f"{package.name}: compiled package does not match torch (max abs diff {worst:.3g}, "
@@ -87,15 +93,29 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
 @click.option("--fp16", is_flag=True, help="fp16 graph (fp32 I/O; LayerNorm, softmax, sigmoid in fp32).")
 @click.option("--verify-seed", type=click.IntRange(0, 2**31 - 1), default=None,
               help="Seed of the verification inputs (default: fresh).")
+@click.option("--graph", type=click.Choice(["square", "full"]), default="square", show_default=True,
+              help="square: the network at S x S, zoom-in on the host; full: the whole click at the image's "
+                   "own resolution (crop, paste-back, zoom box and A-CFR count inside the graph).")
+@click.option("--max-image", type=str, default=None, metavar="HxW",
+              help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
+@click.option("--opt-image", type=str, default=None, metavar="HxW",
+              help="full graph: the image size TensorRT tunes for (default 1024x1024).")
+@click.option("--exact-flip", is_flag=True,
+              help="full graph: flipped clicks exactly as the official float64 code rounds them (the default "
+                   "reproduces the square graph's float32 flip, 1 ulp off in about a third of clicks).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | None, max_points: int, flip: bool,
-         fp16: bool, verify_seed: int | None) -> None:
+         fp16: bool, verify_seed: int | None, graph: str, max_image: str | None, opt_image: str | None,
+         exact_flip: bool) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
+    limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
+    if exact_flip:
+        limits["exact_flip"] = True
     try:
         aoti_device = _preflight(engine, device)
         from .verify import export_verified
 
-        fp32_path, contract, graph, report = export_verified(checkpoint, out_dir, size, max_points, flip,
-                                                             seed=verify_seed)
+        fp32_path, contract, torch_graph, report = export_verified(checkpoint, out_dir, size, max_points, flip,
+                                                                   seed=verify_seed, **limits)
         native = contract.arch.get("backbone_params", {}).get("img_size", [contract.input_size])[0]
         if native != contract.input_size:
             click.echo(f"note: the checkpoint was trained at {native} px; exported at --size "
@@ -105,7 +125,8 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | 
         onnx_path = fp32_path
         if fp16:
             onnx_path, _, _, report16 = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip,
-                                                        fp16=True, seed=verify_seed, reference=graph)
+                                                        fp16=True, seed=verify_seed, reference=torch_graph,
+                                                        **limits)
             click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
         if engine == "trt":
             from .trt import build_plan
@@ -113,13 +134,26 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | 
             plan = build_plan(onnx_path, out_dir)
             click.echo(f"wrote {plan}")
         if engine == "aoti":
-            _export_aoti(checkpoint, out_dir, contract, graph, fp16, aoti_device, verify_seed)
+            _export_aoti(checkpoint, out_dir, contract, torch_graph, fp16, aoti_device, verify_seed, limits)
     except CfrError as exc:
         click.echo(f"cfr-export: error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # a full disk or a folder made read-only mid-export
         click.echo(f"cfr-export: error: cannot write to {out_dir}: {exc}", err=True)
         sys.exit(2)
+
+
+def _hw(text: str | None, option: str) -> tuple[int, int] | None:
+    """'HxW' -> (H, W)."""
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{option} takes HxW, e.g. 4000x6000; got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise click.BadParameter(f"{option} must be positive, got {text!r}")
+    return h, w
 
 
 if __name__ == "__main__":

@@ -14,13 +14,18 @@ import torch
 
 import cfr_runtime
 from cfr_runtime.contract import (
+    DIM_H,
+    DIM_W,
+    GRAPH_FULL,
+    GRAPH_SQUARE,
     INPUT_NAMES,
     META_KEY,
-    OUTPUT_NAMES,
     Contract,
 )
 from cfr_runtime.errors import CfrError, CheckpointError
+from cfr_runtime.resample import crop_tables, paste_axis
 from trainer.checkpoint import load_model
+from trainer.models.full_graph import FullGraph
 from trainer.models.graph import ContractGraph
 
 OPSET = 17
@@ -67,8 +72,59 @@ def verification_cases(contract: Contract, seed: int = 0) -> list[dict[str, np.n
     return cases
 
 
-def torch_reference(graph: ContractGraph, inputs: dict[str, np.ndarray]) -> np.ndarray:
+def full_example_inputs(contract: Contract, h: int, w: int, seed: int = 0, n_pos: int = 2, n_neg: int = 1,
+                        roi: tuple[int, int, int, int] | None = None, soft_prev: bool = True
+                        ) -> dict[str, np.ndarray]:
+    """Fresh random inputs of the full graph: an H x W uint8 image, a soft prev map that is zero outside a
+    box, clicks in image pixels (integers, as the clicker makes), a random zoom-in ROI and its tables."""
+    rng = np.random.default_rng(seed)
+    s, p = contract.input_size, contract.max_points
+    io = contract.io(h, w)
+    out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in io.items() if name in contract.input_names()}
+    out["image_u8"][...] = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+    if roi is None:
+        r0, c0 = int(rng.integers(0, max(1, h // 3))), int(rng.integers(0, max(1, w // 3)))
+        roi = (r0, int(rng.integers(r0, h)), c0, int(rng.integers(c0, w)))
+    if soft_prev:
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        d = np.sqrt((yy - rng.uniform(0, h)) ** 2 + (xx - rng.uniform(0, w)) ** 2)
+        prev = 1 / (1 + np.exp((d - rng.uniform(0.1, 0.4) * max(h, w)) / (0.05 * max(h, w) + 1e-6)))
+        box = rng.integers(0, h, 2), rng.integers(0, w, 2)
+        keep = np.zeros((h, w), bool)
+        keep[box[0].min():box[0].max() + 1, box[1].min():box[1].max() + 1] = True
+        out["prev_probs"][...] = np.where(keep, prev, 0).astype(np.float32)
+    clicks = out["clicks"]
+    clicks.fill(-1)
+    order = rng.permutation(n_pos + n_neg)
+    for k in range(n_pos + n_neg):
+        row = k if k < n_pos else p + k - n_pos
+        clicks[row] = (rng.integers(0, h), rng.integers(0, w), order[k])
+    out["roi"][...] = roi
+    out["thresholds"][...] = (contract.threshold, 0.5)
+    crop_tables(roi, s, out["crop_index"], out["crop_weight"])
+    paste_axis(roi[0], roi[1], s, out["paste_row_index"], out["paste_row_weight"])
+    paste_axis(roi[2], roi[3], s, out["paste_col_index"], out["paste_col_weight"])
+    return out
+
+
+def full_verification_cases(contract: Contract, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Full-graph cases at several image sizes: whole-image ROI, random ROIs, a one-row degenerate image."""
+    s = contract.input_size
+    return [
+        full_example_inputs(contract, 97, 131, seed, 1, 0, soft_prev=False, roi=(0, 96, 0, 130)),
+        full_example_inputs(contract, s + 37, s // 2 + 5, seed + 1, 2, 1),
+        full_example_inputs(contract, 2 * s + 3, 3 * s - 1, seed + 2, min(contract.max_points, 7),
+                            min(contract.max_points, 5)),
+        full_example_inputs(contract, 1, 57, seed + 3, 1, 1, roi=(0, 0, 3, 40)),
+    ]
+
+
+def torch_reference(graph: ContractGraph | FullGraph, inputs: dict[str, np.ndarray]):
+    """The torch graph on numpy inputs: probs (square) or the tuple of full-graph outputs."""
     with torch.no_grad():
+        if isinstance(graph, FullGraph):
+            names = Contract(graph=GRAPH_FULL).input_names()
+            return tuple(o.numpy() for o in graph(*(torch.from_numpy(inputs[k]) for k in names)))
         return graph(*(torch.from_numpy(inputs[k]) for k in INPUT_NAMES)).numpy()
 
 
@@ -100,46 +156,77 @@ def _writable_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def build_graph(model, contract: Contract) -> ContractGraph | FullGraph:
+    """The torch module of a contract (square or full) around a loaded model."""
+    square = ContractGraph(model, flip=contract.flip)
+    return (FullGraph(square, contract.input_size, contract.exact_flip) if contract.full else square).eval()
+
+
+def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
+    """ONNX dynamic axes of the full graph (every H / W dim); None for the square graph (static)."""
+    if not contract.full:
+        return None
+    return {name: {i: d for i, d in enumerate(shape) if d in (DIM_H, DIM_W)}
+            for name, (shape, _) in contract.io().items() if DIM_H in shape or DIM_W in shape}
+
+
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = None, max_points: int = 24,
-                flip: bool = True, fp16: bool = False, final_name: str | None = None,
-                ) -> tuple[Path, Contract, ContractGraph]:
-    """Write `model.onnx` (or `model_fp16.onnx`) into out_dir; return its path, contract and torch graph.
+                flip: bool = True, fp16: bool = False, graph: str = GRAPH_SQUARE,
+                max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
+                exact_flip: bool = False, final_name: str | None = None,
+                ) -> tuple[Path, Contract, ContractGraph | FullGraph]:
+    """Write `model.onnx` (or `model_fp16.onnx`; `model_full*.onnx` for graph="full") into out_dir; return
+    its path, contract and torch graph (fp32, the verification reference).
 
     size None keeps the checkpoint's own input size. The file is written under a temporary name and renamed,
     so a crash never leaves half a model; `final_name=""` leaves it under the temporary name for the caller
     to verify and rename (what cfr-export does, so that a rejected graph never replaces a good one).
     """
+    if graph not in (GRAPH_SQUARE, GRAPH_FULL):
+        raise ExportError(f"unknown graph {graph!r}; choose 'square' or 'full'")
+    if exact_flip and graph != GRAPH_FULL:
+        raise ExportError("--exact-flip needs --graph full (the square graph receives clicks already mapped)")
     out_dir = _writable_dir(Path(out_dir))
     model, info = load_model(checkpoint, input_size=size)
     check_finite_weights(model, checkpoint)
     size = model.backbone.patch_embed.img_size[0]
-    graph = ContractGraph(model, flip=flip).eval()
-    export_graph = graph
+    limits = {}
+    if graph == GRAPH_FULL:
+        limits = {k: tuple(int(v) for v in val) for k, val in (("max_image", max_image), ("opt_image", opt_image))
+                  if val is not None}
+        limits["exact_flip"] = bool(exact_flip)
+        if max(limits.get("max_image", (0, 0))) * size >= 1 << 24:
+            raise ExportError(f"--max-image {limits['max_image']} is too large for exact click mapping at S={size} "
+                              f"(S * side must stay below 2**24)")
+    contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=dict(
+        name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
+        package_version=cfr_runtime.__version__, graph=graph, **limits)
+    torch_graph = build_graph(model, contract)
+    export_graph = torch_graph
     if fp16:
         # Built in torch rather than by an ONNX rewriting pass: the model itself keeps LayerNorm,
         # GroupNorm, softmax, the click disks and the final sigmoid in fp32 (see plainvit.py).
         half, _ = load_model(checkpoint, input_size=size)
-        export_graph = ContractGraph(half.half_precision(), flip=flip).eval()
-    contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=dict(
-        name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
-        package_version=cfr_runtime.__version__)
-    dummy = example_inputs(contract)
+        export_graph = build_graph(half.half_precision(), contract)
+    names_in, names_out = contract.input_names(), contract.output_names()
+    dummy = full_example_inputs(contract, size + 13, size + 29) if contract.full else example_inputs(contract)
     fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".trace.onnx")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(export_graph, tuple(torch.from_numpy(dummy[k]) for k in INPUT_NAMES), str(tmp),
-                              input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            torch.onnx.export(export_graph, tuple(torch.from_numpy(dummy[k]) for k in names_in), str(tmp),
+                              input_names=list(names_in), output_names=list(names_out),
+                              dynamic_axes=dynamic_axes(contract), opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
         proto = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
     if fp16:
         contract = replace(contract, precision="fp16")
     _set_metadata(proto, contract)
-    name = ("model_fp16.onnx" if fp16 else "model.onnx") if final_name is None else final_name
+    name = model_file_name(contract) if final_name is None else final_name
     fd, staged = tempfile.mkstemp(dir=out_dir, prefix=f".{name or 'model'}.", suffix=".partial.onnx")
     os.close(fd)
     try:
@@ -152,4 +239,10 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
     except BaseException:
         Path(staged).unlink(missing_ok=True)
         raise
-    return (out_dir / name if name else Path(staged)), contract, graph
+    return (out_dir / name if name else Path(staged)), contract, torch_graph
+
+
+def model_file_name(contract: Contract) -> str:
+    """model.onnx, model_fp16.onnx, model_full.onnx, model_full_fp16.onnx."""
+    stem = "model_full" if contract.full else "model"
+    return f"{stem}_{contract.precision}.onnx" if contract.precision != "fp32" else f"{stem}.onnx"

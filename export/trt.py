@@ -47,6 +47,17 @@ def gpu_identity() -> tuple[str, str]:
     return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
+def profile_shapes(contract: Contract) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) per input: one fixed shape for the square graph (a static engine); for the full graph
+    the image sizes recorded in the contract (min_image, opt_image, max_image) on every H / W dim."""
+    names = contract.input_names()
+    if not contract.full:
+        return {name: (shape, shape, shape) for name, shape in contract.shapes().items() if name in names}
+    (h0, w0), (h1, w1), (h2, w2) = contract.min_image, contract.opt_image, contract.max_image
+    lo, opt, hi = contract.io(h0, w0), contract.io(h1, w1), contract.io(h2, w2)
+    return {name: (lo[name][0], opt[name][0], hi[name][0]) for name in names}
+
+
 def build_plan(onnx_path: str | Path, out_dir: str | Path, fp16_flag: bool = False,
                timing_cache: str | Path | None = None) -> Path:
     """Build `<onnx stem>.plan` next to a JSON sidecar; reuse/update a timing cache file."""
@@ -78,9 +89,8 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, fp16_flag: bool = Fal
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()
-    for name, shape in contract.shapes().items():
-        if name != "probs":
-            profile.set_shape(name, shape, shape, shape)  # one fixed shape: a static engine
+    for name, (lo, opt, hi) in profile_shapes(contract).items():
+        profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

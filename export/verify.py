@@ -10,9 +10,11 @@ import numpy as np
 
 from cfr_runtime.contract import INPUT_NAMES, OUTPUT_PROBS, Contract
 from cfr_runtime.errors import CfrError, ModelOutputError
+from cfr_runtime.zoom import mask_box
+from trainer.models.full_graph import FullGraph
 from trainer.models.graph import ContractGraph
 
-from .onnx_export import ExportError, torch_reference, verification_cases
+from .onnx_export import ExportError, full_verification_cases, torch_reference, verification_cases
 
 # probabilities in [0, 1]; fp32 differs by reduction order only, fp16 by half-precision rounding
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -30,13 +32,39 @@ class VerifyReport:
                 f"(tolerance {self.tolerance:g}); mask disagreement {100 * self.mask_disagreement:.4f}%")
 
 
-def verify_onnx(path: str | Path, graph: ContractGraph, contract: Contract, seed: int | None = None,
+def _check_full_outputs(path, got: list[np.ndarray], inputs: dict[str, np.ndarray], contract: Contract) -> None:
+    """The full graph's box and change count must be what the host computes from the map it returned."""
+    probs, box, changed = got[0], got[1], int(got[2][0])
+    want_box = mask_box(probs > inputs["thresholds"][1])
+    have_box = tuple(int(v) for v in box) if box[0] <= box[1] else None
+    t = inputs["thresholds"][0]
+    want_changed = int(np.count_nonzero((probs > t) != (inputs["prev_probs"] > t)))
+    if have_box != want_box or changed != want_changed:
+        raise ExportError(f"{path}: full graph reports box {have_box} / changed {changed}, its own map gives "
+                          f"{want_box} / {want_changed}")
+
+
+def verify_onnx(path: str | Path, graph: ContractGraph | FullGraph, contract: Contract, seed: int | None = None,
                 tolerance: float | None = None) -> VerifyReport:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
     tol = TOLERANCE[contract.precision] if tolerance is None else tolerance
+    if contract.full:
+        worst, disagree, cases = 0.0, 0.0, full_verification_cases(contract, seed)
+        for inputs in cases:
+            want = torch_reference(graph, inputs)[0]
+            check_output_range(want, f"{path}: the torch model")
+            got = sess.run(list(contract.output_names()), {k: inputs[k] for k in contract.input_names()})
+            check_output_range(got[0], f"{path}: the exported graph")
+            _check_full_outputs(path, got, inputs, contract)
+            worst = worst_diff(worst, got[0], want)
+            disagree = max(disagree, float(((got[0] > contract.threshold) != (want > contract.threshold)).mean()))
+        report = VerifyReport(worst, disagree, len(cases), tol)
+        if not worst <= tol:  # also catches NaN
+            raise ExportError(f"{path}: exported full graph does not match torch: {report}")
+        return report
     worst, disagree, cases = 0.0, 0.0, verification_cases(contract, seed)
     for inputs in cases:
         want = torch_reference(graph, inputs)
@@ -72,16 +100,18 @@ def commit(staged: Path, final: Path) -> Path:
 
 
 def export_verified(checkpoint: str | Path, out_dir: str | Path, size: int | None, max_points: int, flip: bool,
-                    fp16: bool = False, seed: int | None = None, reference: ContractGraph | None = None,
-                    ) -> tuple[Path, Contract, ContractGraph, VerifyReport]:
+                    fp16: bool = False, seed: int | None = None, reference: ContractGraph | FullGraph | None = None,
+                    **graph_options) -> tuple[Path, Contract, ContractGraph | FullGraph, VerifyReport]:
     """Export to a temporary file, verify it against torch, and only then replace `model[_fp16].onnx`.
 
     A rejected graph is deleted and an existing model file is left untouched. `reference` is the fp32
-    graph the fp16 export is checked against (the fp32 export's graph)."""
-    from .onnx_export import export_onnx
+    graph the fp16 export is checked against (the fp32 export's graph); `graph_options` (graph, max_image,
+    opt_image, exact_flip) choose the square or full-resolution contract."""
+    from .onnx_export import export_onnx, model_file_name
 
-    name = "model_fp16.onnx" if fp16 else "model.onnx"
-    staged, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=fp16, final_name="")
+    staged, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=fp16, final_name="",
+                                          **graph_options)
+    name = model_file_name(contract)
     try:
         report = verify_onnx(staged, reference or graph, contract, seed=seed)
     except CfrError as exc:

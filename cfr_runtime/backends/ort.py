@@ -7,9 +7,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import INPUT_NAMES, META_KEY, OUTPUT_PROBS, Contract, check_io
+from ..contract import (
+    FULL_IMAGE,
+    FULL_OUT_BOX,
+    FULL_OUT_CHANGED,
+    FULL_OUT_NET,
+    FULL_OUT_PROBS,
+    FULL_PREV,
+    INPUT_NAMES,
+    META_KEY,
+    OUTPUT_PROBS,
+    Contract,
+    check_io,
+)
 from ..engine import alloc_buffers
 from ..errors import ContractError
+from ..full_runner import FullRunner
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -120,6 +133,104 @@ class OrtRunner:
         return self._probs
 
 
+class NamedBuffers:
+    """Tensors of one contract bound by name, allocated from the contract's shapes and dtypes: numpy arrays
+    on the CPU provider (the binding reads and writes them in place), device OrtValues otherwise."""
+
+    def __init__(self, specs: dict[str, tuple[tuple, type]], device: str):
+        import onnxruntime as ort
+
+        self.device = device
+        if device == "cpu":
+            self.arrays = {name: np.zeros(shape, dtype) for name, (shape, dtype) in specs.items()}
+        else:
+            self.arrays = {name: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, 0)
+                           for name, (shape, dtype) in specs.items()}
+
+    def bind(self, binding, name: str, output: bool = False, tensor: str | None = None) -> None:
+        """Bind buffer `name` as the graph's input/output `tensor` (default: the same name)."""
+        buf, tensor = self.arrays[name], tensor or name
+        if self.device == "cpu":
+            args = (tensor, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            (binding.bind_output if output else binding.bind_input)(*args)
+        else:
+            (binding.bind_ortvalue_output if output else binding.bind_ortvalue_input)(tensor, buf)
+
+    def write(self, name: str, value: np.ndarray) -> None:
+        if self.device == "cpu":
+            self.arrays[name][...] = value
+        else:
+            self.arrays[name].update_inplace(np.ascontiguousarray(value))
+
+    def read(self, name: str) -> np.ndarray:
+        """The host array (CPU: the bound buffer itself) or a device-to-host copy."""
+        buf = self.arrays[name]
+        return buf if self.device == "cpu" else buf.numpy()
+
+
+class OrtFullRunner(FullRunner):
+    """The full-resolution contract on ONNX Runtime: every tensor bound by name once per image size; two IO
+    bindings that differ only in which map is `prev_probs` and which is `probs_full` (the ping-pong), so a
+    forward is `run_with_iobinding` plus the upload of whichever small tables changed.
+
+    CUDA graphs (device != "cpu" and a session created with `enable_cuda_graph`): each binding has fixed
+    buffer addresses and fixed shapes for one image size, so each (size, direction) gets its own
+    `gpu_graph_id`; ids are never reused, because buffers of an earlier size are freed on the next one."""
+
+    _next_graph_id = 0  # process-wide: ONNX Runtime keys captured graphs by id per session
+
+    def __init__(self, session, contract: Contract, device: str = "cpu", cuda_graph: bool = False):
+        super().__init__(contract)
+        self._session, self._device, self._cuda_graph = session, device, cuda_graph and device != "cpu"
+        self._bufs: NamedBuffers | None = None
+
+    def _bind(self, image: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        h, w = image.shape[1:3]
+        c = self.contract
+        specs = dict(c.io(h, w))
+        maps = (specs.pop(FULL_PREV), specs.pop(FULL_OUT_PROBS))
+        specs["map0"], specs["map1"] = maps
+        self._bufs = bufs = NamedBuffers(specs, self._device)
+        bufs.write(FULL_IMAGE, image)
+        self._bindings, self._run_options = [], []
+        for cur in (0, 1):
+            binding = self._session.io_binding()
+            for name in c.input_names():
+                if name != FULL_PREV:
+                    bufs.bind(binding, name)
+            for name in (FULL_OUT_BOX, FULL_OUT_CHANGED, FULL_OUT_NET):
+                bufs.bind(binding, name, output=True)
+            bufs.bind(binding, f"map{cur}", tensor=FULL_PREV)
+            bufs.bind(binding, f"map{1 - cur}", output=True, tensor=FULL_OUT_PROBS)
+            self._bindings.append(binding)
+            options = ort.RunOptions()
+            if self._cuda_graph:
+                options.add_run_config_entry("gpu_graph_id", str(OrtFullRunner._next_graph_id))
+                OrtFullRunner._next_graph_id += 1
+            self._run_options.append(options)
+
+    def _upload(self, names: list[str]) -> None:
+        for name in names:
+            self._bufs.write(name, self.small[name])
+
+    def _execute(self, cur: int) -> None:
+        self._session.run_with_iobinding(self._bindings[cur], self._run_options[cur])
+
+    def _fetch_small(self) -> tuple[np.ndarray, int]:
+        return self._bufs.read(FULL_OUT_BOX), int(self._bufs.read(FULL_OUT_CHANGED)[0])
+
+    def _read_map(self, k: int) -> np.ndarray:
+        return self._bufs.read(f"map{k}")
+
+    def _write_map(self, k: int, probs: np.ndarray | None) -> None:
+        self._bufs.write(f"map{k}", np.zeros(self.shape, np.float32) if probs is None else probs)
+
+    def _read_net(self) -> np.ndarray:
+        return self._bufs.read(FULL_OUT_NET)
+
+
 class OrtModel:
     def __init__(self, path: Path, providers: list | None = None, threads: int | None = None,
                  cuda_graph: bool = True):
@@ -130,9 +241,10 @@ class OrtModel:
         if wants_gpu and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA, cuBLAS and cuDNN from the nvidia-* wheels only when asked to
             ort.preload_dlls()
+        chosen = providers
         if providers is None:
-            providers = [p for p in PREFERRED_PROVIDERS if p in available]
-            providers = [provider_with_options(p, path, cuda_graph) for p in providers]
+            chosen = [p for p in PREFERRED_PROVIDERS if p in available]
+            providers = [provider_with_options(p, path, cuda_graph) for p in chosen]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -163,8 +275,10 @@ class OrtModel:
             text += f": refused, {self.graph_refused})" if self.graph_refused else ("" if self.cuda_graph else ")")
         return text
 
-    def new_runner(self) -> OrtRunner:
+    def new_runner(self) -> OrtRunner | OrtFullRunner:
         """Called under the Engine's lock, so graph ids are unique per runner."""
+        if self.contract.full:
+            return OrtFullRunner(self.session, self.contract, self.device, self.cuda_graph)
         graph_id = None
         if self.cuda_graph:
             graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1

@@ -12,9 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import INPUT_NAMES, OUTPUT_PROBS
+from ..contract import (
+    FULL_IMAGE,
+    FULL_OUT_BOX,
+    FULL_OUT_CHANGED,
+    FULL_OUT_NET,
+    FULL_OUT_PROBS,
+    FULL_PREV,
+    INPUT_NAMES,
+    OUTPUT_PROBS,
+)
 from ..engine import alloc_buffers
 from ..errors import CfrError
+from ..full_runner import FullRunner
 from ..plan import check_plan, read_sidecar
 from . import cuda
 
@@ -57,6 +67,86 @@ class TrtRunner:
         return self._probs
 
 
+class TrtFullRunner(FullRunner):
+    """The full-resolution contract on a TensorRT plan built with an optimisation profile over image sizes.
+
+    Per image: device buffers sized for it, `set_input_shape` for the dynamic inputs, the image uploaded once.
+    The two maps ping-pong by swapping the addresses of `prev_probs` and `probs_full`; with CUDA graphs each
+    direction is captured once per image (fixed addresses and shapes), the small tables are copied to their
+    fixed buffers before the replay."""
+
+    def __init__(self, engine, contract, use_cuda_graph: bool = True):
+        super().__init__(contract)
+        self.context = engine.create_execution_context()
+        self._stream = cuda.Stream()
+        self._use_graph = use_cuda_graph
+        self._dev: dict[str, cuda.DeviceBuffer] = {}
+
+    def _bind(self, image: np.ndarray) -> None:
+        h, w = image.shape[1:3]
+        io = self.contract.io(h, w)
+        self._graphs: dict[int, cuda.Graph] = {}
+        self._dev, self._host = {}, {}
+        for name, (shape, dtype) in io.items():
+            key = {FULL_PREV: "map0", FULL_OUT_PROBS: "map1"}.get(name, name)
+            self._dev[key] = cuda.DeviceBuffer(max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize))
+            if name in self.contract.input_names() and not self.context.set_input_shape(name, shape):
+                raise CfrError(f"TensorRT refused shape {shape} for '{name}' (outside the plan's profile?)")
+            if name in (FULL_OUT_BOX, FULL_OUT_CHANGED, FULL_OUT_NET):
+                self._host[name] = np.zeros(shape, dtype)
+        for name in self.contract.input_names() + self.contract.output_names():
+            if name not in (FULL_PREV, FULL_OUT_PROBS) and not self.context.set_tensor_address(name,
+                                                                                            self._dev[name].ptr):
+                raise CfrError(f"TensorRT refused the address of tensor '{name}'")
+        self._stream.h2d(self._dev[FULL_IMAGE], image)
+        zeros = np.zeros((h, w), np.float32)
+        for k in (0, 1):
+            self._stream.h2d(self._dev[f"map{k}"], zeros)
+        self._stream.sync()
+
+    def _upload(self, names: list[str]) -> None:
+        for name in names:
+            self._stream.h2d(self._dev[name], self.small[name])
+
+    def _enqueue(self, cur: int) -> None:
+        self.context.set_tensor_address(FULL_PREV, self._dev[f"map{cur}"].ptr)
+        self.context.set_tensor_address(FULL_OUT_PROBS, self._dev[f"map{1 - cur}"].ptr)
+        if not self.context.execute_async_v3(self._stream.handle):
+            raise CfrError("TensorRT execute_async_v3 failed")
+
+    def _execute(self, cur: int) -> None:
+        graph = self._graphs.get(cur)
+        if graph is not None:
+            graph.launch()
+            return
+        self._enqueue(cur)  # the first call per direction also lets TensorRT finish its lazy setup
+        if self._use_graph:
+            self._stream.sync()
+            self._graphs[cur] = cuda.Graph(self._stream, lambda: self._enqueue(cur))
+
+    def _fetch_small(self) -> tuple[np.ndarray, int]:
+        for name in (FULL_OUT_BOX, FULL_OUT_CHANGED):
+            self._stream.d2h(self._host[name], self._dev[name])
+        self._stream.sync()
+        return self._host[FULL_OUT_BOX], int(self._host[FULL_OUT_CHANGED][0])
+
+    def _read_map(self, k: int) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        self._stream.d2h(out, self._dev[f"map{k}"])
+        self._stream.sync()
+        return out
+
+    def _write_map(self, k: int, probs: np.ndarray | None) -> None:
+        src = np.zeros(self.shape, np.float32) if probs is None else np.ascontiguousarray(probs, np.float32)
+        self._stream.h2d(self._dev[f"map{k}"], src)
+        self._stream.sync()
+
+    def _read_net(self) -> np.ndarray:
+        self._stream.d2h(self._host[FULL_OUT_NET], self._dev[FULL_OUT_NET])
+        self._stream.sync()
+        return self._host[FULL_OUT_NET]
+
+
 class TrtModel:
     def __init__(self, path: Path):
         try:
@@ -74,12 +164,14 @@ class TrtModel:
         if self.engine is None:
             raise CfrError(f"{path}: TensorRT could not deserialize the plan (corrupt file?)")
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        if names != set(INPUT_NAMES) | {OUTPUT_PROBS}:
+        if names != set(self.contract.input_names()) | set(self.contract.output_names()):
             raise CfrError(f"{path}: plan tensors {sorted(names)} do not match the contract")
         self.gpu = name
 
     def describe(self) -> str:
         return f"TensorRT {self._trt.__version__} on {self.gpu}"
 
-    def new_runner(self) -> TrtRunner:
+    def new_runner(self) -> TrtRunner | TrtFullRunner:
+        if self.contract.full:
+            return TrtFullRunner(self.engine, self.contract)
         return TrtRunner(self.engine, self.contract)

@@ -34,6 +34,11 @@ class ContractGraph(nn.Module):
         invalid = torch.maximum(points[..., 0:1], points[..., 1:2]) < 0
         flipped_x = torch.where(invalid, points[..., 1:2], (width - 1) - points[..., 1:2])
         flipped = torch.cat([points[..., 0:1], flipped_x, points[..., 2:3]], dim=-1)
+        return self.flip_average(x, points, flipped)
+
+    def flip_average(self, x: torch.Tensor, points: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        """sigmoid of the mean of the logits of [x, flip(x)] with click rows `points` / `flipped` (averaged at
+        1/4 scale, then one upsample: see the class docstring)."""
         logits = self.model.lowres_logits(torch.cat([x, x.flip(3)], dim=0), torch.cat([points, flipped], dim=0))
         logits = logits.float()
-        return torch.sigmoid(upsample_logits(0.5 * (logits[0:1] + logits[1:2].flip(3)), size))
+        return torch.sigmoid(upsample_logits(0.5 * (logits[0:1] + logits[1:2].flip(3)), x.shape[2:]))
