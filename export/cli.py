@@ -23,9 +23,11 @@ from cfr_runtime.errors import CfrError
 @click.option("--max-points", type=int, default=24, show_default=True, help="Click rows P per sign.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip averaging inside the graph.")
 @click.option("--fp16", is_flag=True, help="fp16 graph (fp32 I/O; LayerNorm, softmax, sigmoid in fp32).")
+@click.option("--int8", is_flag=True, help="Also model_int8.onnx: int8 weights (ONNX Runtime dynamic quantization), "
+              "graph optimizations saved in the file; for the CPU provider (export/quantize.py).")
 @click.option("--verify-seed", type=int, default=None, help="Seed of the verification inputs (default: fresh).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, max_points: int, flip: bool,
-         fp16: bool, verify_seed: int | None) -> None:
+         fp16: bool, int8: bool, verify_seed: int | None) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     from .onnx_export import export_onnx
     from .verify import verify_onnx
@@ -41,6 +43,12 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int, m
             onnx_path, contract16, _ = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=True)
             report16 = verify_onnx(onnx_path, graph, contract16, seed=verify_seed)
             click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
+        if int8:
+            from .quantize import quantize_int8, read_contract
+
+            int8_path = quantize_int8(fp32_path)
+            report8 = verify_onnx(int8_path, graph, read_contract(int8_path), seed=verify_seed)
+            click.echo(f"wrote {int8_path}\n  int8: {report8}")
         if engine == "trt":
             from .trt import build_plan
 
