@@ -121,19 +121,58 @@ def build_variants(ckpt: Path, size: int, precisions: list[str], tmp: Path) -> t
     return paths, graph.model, reports
 
 
-def summarize_row(row: dict, results: list, timed: Timed, max_clicks: int) -> dict:
+def summarize_row(row: dict, raw: dict, max_clicks: int) -> dict:
+    """One table row from the raw per-instance IoUs, forwards and click times (kept in the JSON for --merge)."""
     from cfr_runtime.metrics import summarize
 
-    summary = summarize([r.ious for r in results], max_clicks)
-    forwards = [f for r in results for f in r.forwards]
-    clicks = timed.first + timed.later
+    summary = summarize(raw["ious"], max_clicks)
+    forwards = [f for fs in raw["forwards"] for f in fs]
+    clicks = raw["first_s"] + raw["later_s"]
     miou = summary["miou_per_click"]
     return {**row, "noc": summary["noc"], "over_max": summary["over_max"],
             "miou": {str(k): miou[k - 1] for k in (1, 3, 5) if k <= len(miou)},
             "fwd_per_click": float(np.mean(forwards)) if forwards else 0.0,
-            "first_click_ms": pct(timed.first), "later_click_ms": pct(timed.later),
+            "first_click_ms": pct(raw["first_s"]), "later_click_ms": pct(raw["later_s"]),
             "ms_per_click": 1000 * float(np.sum(clicks)) / max(1, len(clicks)), "clicks": len(clicks),
-            "seconds": float(np.sum(clicks)), "instances": len(results)}
+            "seconds": float(np.sum(clicks)), "instances": len(raw["ious"]), "raw": raw}
+
+
+def merge(paths: list[Path], out: Path, overwrite: bool) -> dict:
+    """Combine shard JSONs (--shard I/N runs of one configuration) into one table, plot and JSON."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    meta = dict(docs[0]["meta"])
+    keys = [(r["engine"], r["precision"], r["mode"]) for r in docs[0]["rows"]]
+    for d in docs[1:]:
+        if [(r["engine"], r["precision"], r["mode"]) for r in d["rows"]] != keys or any(
+                d["meta"][k] != meta[k] for k in ("arch", "size", "dataset", "max_clicks", "target_iou")):
+            raise SystemExit("--merge: the files are not shards of one configuration")
+    rows = []
+    for k, key in enumerate(keys):
+        raw = {f: [x for d in docs for x in d["rows"][k]["raw"][f]] for f in ("ious", "forwards", "first_s", "later_s")}
+        rows.append(summarize_row(dict(zip(("engine", "precision", "mode"), key)), raw, meta["max_clicks"]))
+    compare(rows)
+    meta.update(instances=sum(d["meta"]["instances"] for d in docs), shards=[d["meta"].get("shard") for d in docs],
+                load_average=[la for d in docs for la in d["meta"]["load_average"]], shard=None,
+                shard_commands=[d["meta"]["command"] for d in docs],
+                command="python bench/pareto.py --merge " + " ".join(Path(p).name for p in paths))
+    return write(rows, meta, out, overwrite)
+
+
+def write(table: list[dict], meta: dict, out: Path, overwrite: bool) -> dict:
+    stem = f"pareto_{meta['dataset']}_{meta['arch']}_{meta['size']}"
+    if meta.get("shard"):
+        stem += f".shard{meta['shard'].replace('/', 'of')}"
+    targets = [out / f"{stem}.{ext}" for ext in ("json", "md", "png")]
+    if not overwrite and any(t.exists() for t in targets):
+        raise SystemExit(f"{out / stem}.* exists; pass --overwrite to replace it, or another --out")
+    text = render(table, meta)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    targets[0].write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    targets[1].write_text(text + "\n")
+    plot(table, meta, targets[2])
+    print(f"wrote {out / stem}.json, .md and .png")
+    return {"meta": meta, "rows": table}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,8 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped trainer/assets/default.pth")
     ap.add_argument("--arch", default=None, help="a random-init named arch instead (e.g. vit_base): latency only")
     ap.add_argument("--size", type=int, default=None, help="input size (default: the checkpoint's; 448 with --arch)")
-    ap.add_argument("--dataset", type=Path, required=True)
+    ap.add_argument("--dataset", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=None, help="only the first N instances")
+    ap.add_argument("--shard", default=None, help="I/N: only instances I, I+N, I+2N, ... (combine with --merge)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the JSONs of --shard runs")
     ap.add_argument("--max-clicks", type=int, default=20)
     ap.add_argument("--target-iou", type=float, default=0.95)
     ap.add_argument("--precisions", default="fp32,int8,fp16", help=f"ORT variants, from {','.join(PRECISIONS)}")
@@ -153,6 +194,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
     args = ap.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="cfr-pareto-results-"))
+    if args.merge:
+        return merge(args.merge, out, args.overwrite)
+    if args.dataset is None:
+        ap.error("--dataset is required (or --merge)")
+    shard = (0, 1)
+    if args.shard:
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+            assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+        except (ValueError, AssertionError):
+            ap.error("--shard takes I/N with 0 <= I < N")
     modes = args.modes.split(",")
     ref_modes = modes if args.reference_modes is None else \
         [] if args.reference_modes == "none" else args.reference_modes.split(",")
@@ -180,10 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = args.checkpoint or default_checkpoint()
     size = args.size or (448 if args.arch else read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0])
     arch_name = args.arch or ("default" if args.checkpoint is None else args.checkpoint.stem)
-    out = args.out or Path(tempfile.mkdtemp(prefix="cfr-pareto-results-"))
     stem = f"pareto_{args.dataset.name}_{arch_name}_{size}"
-    targets = [out / f"{stem}.{ext}" for ext in ("json", "md", "png")]
-    if not args.overwrite and any(t.exists() for t in targets):
+    if args.shard:
+        stem += f".shard{shard[0]}of{shard[1]}"
+    if not args.overwrite and any((out / f"{stem}.{ext}").exists() for ext in ("json", "md", "png")):
         ap.error(f"{out / stem}.* exists; pass --overwrite to replace it, or another --out")
 
     paths, model, reports = build_variants(ckpt, size, args.precisions.split(","), tmp / "onnx")
@@ -200,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         if mode in ref_modes:
             rows.append(({"engine": REFERENCE, "precision": "fp32", "mode": mode},
                          Timed(ReferencePredictor(model, size=size, **MODES[mode]))))
-    instances = open_dataset(args.dataset)[:args.limit]
+    instances = open_dataset(args.dataset)[:args.limit][shard[0]::shard[1]]
     load_avg = [os.getloadavg()]
     results: list[list] = [[] for _ in rows]
     started = time.time()
@@ -214,24 +267,19 @@ def main(argv: list[str] | None = None) -> dict:
               end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     load_avg.append(os.getloadavg())
-    table = [summarize_row(row, res, timed, args.max_clicks) for (row, timed), res in zip(rows, results)]
+    table = [summarize_row(row, {"ious": [r.ious for r in res], "forwards": [r.forwards for r in res],
+                                 "first_s": timed.first, "later_s": timed.later}, args.max_clicks)
+             for (row, timed), res in zip(rows, results)]
     compare(table)
     meta = {"checkpoint": str(ckpt), "arch": arch_name, "size": size, "dataset": args.dataset.name,
             "instances": len(instances), "max_clicks": args.max_clicks, "target_iou": args.target_iou,
             "random_init": bool(args.arch), "cpu": cpu_info(), "versions": versions(),
             "ort_threads": args.threads, "torch_threads": torch.get_num_threads(),
             "engine_load_s": load_s, "verification": reports, "load_average": load_avg,
-            "engines": {p: repr(e) for p, e in engines.items()},
+            "engines": {p: repr(e) for p, e in engines.items()}, "shard": args.shard,
             "command": "python bench/pareto.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    text = render(table, meta)
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    targets[0].write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
-    targets[1].write_text(text + "\n")
-    plot(table, meta, targets[2])
-    print(f"wrote {out / stem}.json, .md and .png")
-    return {"meta": meta, "rows": table}
+    return write(table, meta, out, args.overwrite)
 
 
 def compare(table: list[dict]) -> None:
