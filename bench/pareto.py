@@ -153,8 +153,9 @@ def merge(paths: list[Path], out: Path, overwrite: bool) -> dict:
     compare(rows)
     meta.update(instances=sum(d["meta"]["instances"] for d in docs), shards=[d["meta"].get("shard") for d in docs],
                 load_average=[la for d in docs for la in d["meta"]["load_average"]], shard=None,
-                shard_commands=[d["meta"]["command"] for d in docs],
-                command="python bench/pareto.py --merge " + " ".join(Path(p).name for p in paths))
+                shard_commands=[d["meta"]["command"] for d in docs])
+    if len(docs) > 1:
+        meta["command"] = "python bench/pareto.py --merge " + " ".join(Path(p).name for p in paths)
     return write(rows, meta, out, overwrite)
 
 
@@ -338,16 +339,17 @@ def plot(table: list[dict], meta: dict, path: Path) -> None:
     colors = dict(zip(MODES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     markers = {"fp32": "o", "int8": "s", "fp16": "^"}
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    for r in table:
+    for i, r in enumerate(table):
         marker = "x" if r["engine"] == REFERENCE else markers.get(r["precision"], "o")
         ax.scatter(r["ms_per_click"], r["noc"]["0.9"], color=colors[r["mode"]], marker=marker, s=40)
-        ax.annotate(label(r), (r["ms_per_click"], r["noc"]["0.9"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(label(r), (r["ms_per_click"], r["noc"]["0.9"]), fontsize=6, color=colors[r["mode"]],
+                    xytext=(4, -9 + 6 * (i % 4)), textcoords="offset points")  # staggered: close points stay legible
     ax.set_xscale("log")
     ax.set_xlabel("ms per click (log scale; whole run)")
     ax.set_ylabel("NoC@90 (lower is better)")
     ax.grid(alpha=0.3, which="both")
-    ax.set_title(f"{meta['arch']} at {meta['size']} on {meta['dataset']} ({meta['instances']} instances), "
+    what = ("random-init " if meta["random_init"] else "") + meta["arch"]
+    ax.set_title(f"{what} at {meta['size']} on {meta['dataset']} ({meta['instances']} instances), "
                  f"{meta['cpu']['name']}, {meta['cpu']['cores']} cores", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
