@@ -2,8 +2,9 @@
 torch loop (export/reference_loop.py).
 
     python bench/pareto.py --dataset ../shared/data/GrabCut      # shipped default: ORT fp32/int8/fp16 + torch loop
-    python bench/pareto.py --arch vit_base --dataset ../shared/data/GrabCut --limit 1 --max-clicks 3 \\
+    python bench/pareto.py --arch vit_base --dataset ../shared/data/GrabCut --limit 2 --max-clicks 3 \\
         --modes StdInfer --precisions fp32,int8                   # random-init ViT-B at 448: latency only
+    python bench/pareto.py --merge A.shard0of2.json A.shard1of2.json   # runs made with --shard 0/2 and 1/2
 
 Every row runs the official protocol (RITM clicker on its own predictions, stop at IoU 0.95, at most
 --max-clicks) and is timed click by click. Rows are interleaved instance by instance, so load from other
@@ -202,11 +203,13 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--dataset is required (or --merge)")
     shard = (0, 1)
     if args.shard:
-        try:
-            shard = tuple(int(x) for x in args.shard.split("/"))
-            assert len(shard) == 2 and 0 <= shard[0] < shard[1]
-        except (ValueError, AssertionError):
+        parts = args.shard.split("/")
+        if len(parts) != 2 or not all(x.isdigit() for x in parts) or not 0 <= int(parts[0]) < int(parts[1]):
             ap.error("--shard takes I/N with 0 <= I < N")
+        shard = (int(parts[0]), int(parts[1]))
+    for prec in args.precisions.split(","):
+        if prec not in PRECISIONS:
+            ap.error(f"unknown precision {prec!r}; choose from {', '.join(PRECISIONS)}")
     modes = args.modes.split(",")
     ref_modes = modes if args.reference_modes is None else \
         [] if args.reference_modes == "none" else args.reference_modes.split(",")

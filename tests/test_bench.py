@@ -53,6 +53,9 @@ def test_pareto_bench_runs_and_keeps_results(data_dir, tiny_checkpoint, tmp_path
     for ext in ("json", "md", "png"):
         assert stem.with_suffix(f".{ext}").stat().st_size > 0
     assert "| ort | int8 | StdInfer |" in stem.with_suffix(".md").read_text()
+    merged = pareto_main(["--merge", str(stem.with_suffix(".json")), "--out", str(tmp_path / "merged")])
+    key = lambda rows: [(r["noc"], r["ms_per_click"]) for r in rows]  # noqa: E731
+    assert key(merged["rows"]) == key(res["rows"])
     before = stem.with_suffix(".json").read_text()
     with pytest.raises(SystemExit):
         pareto_main(argv)
