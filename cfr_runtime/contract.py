@@ -200,7 +200,7 @@ def validate_metadata(data: dict, source: str = "model") -> None:
         "flip": (lambda v: isinstance(v, bool), "true or false"),
         "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
                       "a number strictly between 0 and 1"),
-        "precision": (lambda v: v in ("fp32", "fp16", "bf16"), "'fp32', 'fp16' or 'bf16'"),
+        "precision": (lambda v: v in ("fp32", "fp16", "bf16", "int8"), "'fp32', 'fp16', 'bf16' or 'int8'"),
         "arch": (lambda v: isinstance(v, dict), "a JSON object"),
         "checkpoint_sha256": (lambda v: isinstance(v, str), "a string"),
         "package_version": (lambda v: isinstance(v, str), "a string"),

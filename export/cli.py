@@ -91,6 +91,8 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
               help="Click rows P per sign.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Flip averaging inside the graph.")
 @click.option("--fp16", is_flag=True, help="fp16 graph (fp32 I/O; LayerNorm, softmax, sigmoid in fp32).")
+@click.option("--int8", is_flag=True, help="Also model_int8.onnx: int8 weights (ONNX Runtime dynamic quantization), "
+              "graph optimizations saved in the file; for the CPU provider (export/quantize.py).")
 @click.option("--verify-seed", type=click.IntRange(0, 2**31 - 1), default=None,
               help="Seed of the verification inputs (default: fresh).")
 @click.option("--graph", type=click.Choice(["square", "full"]), default="square", show_default=True,
@@ -104,7 +106,7 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
               help="full graph: flipped clicks exactly as the official float64 code rounds them (the default "
                    "reproduces the square graph's float32 flip, 1 ulp off in about a third of clicks).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | None, max_points: int, flip: bool,
-         fp16: bool, verify_seed: int | None, graph: str, max_image: str | None, opt_image: str | None,
+         fp16: bool, int8: bool, verify_seed: int | None, graph: str, max_image: str | None, opt_image: str | None,
          exact_flip: bool) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
@@ -128,6 +130,21 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | 
                                                         fp16=True, seed=verify_seed, reference=torch_graph,
                                                         **limits)
             click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
+        if int8:
+            from .quantize import quantize_int8, read_contract
+            from .verify import commit, verify_onnx
+
+            final = fp32_path.with_name(fp32_path.stem + "_int8.onnx")
+            fd, staged = tempfile.mkstemp(dir=out_dir, prefix=f".{final.name}.", suffix=".partial.onnx")
+            os.close(fd)
+            try:  # like every artifact: verified under a temporary name, then renamed over the old file
+                quantize_int8(fp32_path, staged)
+                report8 = verify_onnx(staged, torch_graph, read_contract(Path(staged)), seed=verify_seed)
+            except BaseException:
+                Path(staged).unlink(missing_ok=True)
+                raise
+            int8_path = commit(Path(staged), final)
+            click.echo(f"wrote {int8_path}\n  int8: {report8}")
         if engine == "trt":
             from .trt import build_plan
 

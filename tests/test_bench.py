@@ -44,3 +44,41 @@ def test_gpu_full_graph_check_runs_on_cpu(reference_dir, tmp_path):
         assert entry["ort-cuda"]["same_forwards"]
     else:
         assert "absent" in report["cuda"] and "CUDA: absent" in out.stdout
+
+
+def test_pareto_bench_runs_and_keeps_results(data_dir, tiny_checkpoint, tmp_path, capsys):
+    """One instance, two clicks: every row gets NoC, mIoU, timings and its ratios; a second run into the same
+    folder refuses to replace the files unless --overwrite is given."""
+    import pytest
+
+    from bench.pareto import main as pareto_main
+
+    argv = ["--checkpoint", str(tiny_checkpoint), "--size", "224", "--dataset",
+            str(data_dir / "GrabCut"), "--limit", "1", "--max-clicks", "2", "--precisions", "fp32,int8",
+            "--modes", "StdInfer,A-CFR-4-all", "--reference-modes", "StdInfer", "--out", str(tmp_path)]
+    res = pareto_main(argv)
+    rows = {(r["engine"], r["precision"], r["mode"]): r for r in res["rows"]}
+    assert set(rows) == {("ort", "fp32", "StdInfer"), ("ort", "int8", "StdInfer"), ("torch-loop", "fp32", "StdInfer"),
+                         ("ort", "fp32", "A-CFR-4-all"), ("ort", "int8", "A-CFR-4-all")}
+    for r in rows.values():
+        assert r["clicks"] == r["first_click_ms"]["n"] + r["later_click_ms"]["n"] and r["first_click_ms"]["n"] == 1
+        assert 1 <= r["noc"]["0.9"] <= 2 and r["ms_per_click"] > 0
+    assert "noc90_vs_fp32" in rows[("ort", "int8", "StdInfer")] and "speedup_vs_torch_loop" in rows[
+        ("ort", "fp32", "StdInfer")]
+    assert "speedup_vs_torch_loop" not in rows[("ort", "fp32", "A-CFR-4-all")]  # no torch row for that mode
+    assert rows[("ort", "fp32", "A-CFR-4-all")]["fwd_per_click"] > 1
+    # same function: the torch loop and ORT fp32 see the same clicks and reach the same IoUs
+    assert rows[("ort", "fp32", "StdInfer")]["miou"] == pytest.approx(rows[("torch-loop", "fp32", "StdInfer")]["miou"],
+                                                                        abs=1e-3)
+    stem = tmp_path / "pareto_GrabCut_tiny_224"
+    assert res["meta"]["verification"]["int8"]["max_abs_diff"] <= res["meta"]["verification"]["int8"]["tolerance"]
+    for ext in ("json", "md", "png"):
+        assert stem.with_suffix(f".{ext}").stat().st_size > 0
+    assert "| ort | int8 | StdInfer |" in stem.with_suffix(".md").read_text()
+    merged = pareto_main(["--merge", str(stem.with_suffix(".json")), "--out", str(tmp_path / "merged")])
+    key = lambda rows: [(r["noc"], r["ms_per_click"]) for r in rows]  # noqa: E731
+    assert key(merged["rows"]) == key(res["rows"])
+    before = stem.with_suffix(".json").read_text()
+    with pytest.raises(SystemExit):
+        pareto_main(argv)
+    assert "--overwrite" in capsys.readouterr().err and stem.with_suffix(".json").read_text() == before
