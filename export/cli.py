@@ -131,19 +131,16 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | 
                                                         **limits)
             click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
         if int8:
+            from cfr_runtime.fileio import staged_file
+
             from .quantize import quantize_int8, read_contract
             from .verify import commit, verify_onnx
 
             final = fp32_path.with_name(fp32_path.stem + "_int8.onnx")
-            fd, staged = tempfile.mkstemp(dir=out_dir, prefix=f".{final.name}.", suffix=".partial.onnx")
-            os.close(fd)
-            try:  # like every artifact: verified under a temporary name, then renamed over the old file
+            with staged_file(final, ".partial.onnx") as staged:  # verified, then renamed over the old file
                 quantize_int8(fp32_path, staged)
-                report8 = verify_onnx(staged, torch_graph, read_contract(Path(staged)), seed=verify_seed)
-            except BaseException:
-                Path(staged).unlink(missing_ok=True)
-                raise
-            int8_path = commit(Path(staged), final)
+                report8 = verify_onnx(staged, torch_graph, read_contract(staged), seed=verify_seed)
+                int8_path = commit(staged, final)
             click.echo(f"wrote {int8_path}\n  int8: {report8}")
         if engine == "trt":
             from .trt import build_plan

@@ -23,6 +23,7 @@ from cfr_runtime.contract import (
     Contract,
 )
 from cfr_runtime.errors import CfrError, CheckpointError
+from cfr_runtime.fileio import staged_file
 from cfr_runtime.resample import crop_tables, paste_axis
 from trainer.checkpoint import load_model
 from trainer.models.full_graph import FullGraph
@@ -210,36 +211,26 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
         export_graph = build_graph(half.half_precision(), contract)
     names_in, names_out = contract.input_names(), contract.output_names()
     dummy = full_example_inputs(contract, size + 13, size + 29) if contract.full else example_inputs(contract)
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".model.", suffix=".trace.onnx")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(export_graph, tuple(torch.from_numpy(dummy[k]) for k in names_in), str(tmp),
-                              input_names=list(names_in), output_names=list(names_out),
-                              dynamic_axes=dynamic_axes(contract), opset_version=OPSET, dynamo=False,
-                              do_constant_folding=True)
-        proto = onnx.load(str(tmp))
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged_file(out_dir / "model.onnx", ".trace.onnx") as tmp:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(export_graph, tuple(torch.from_numpy(dummy[k]) for k in names_in), str(tmp),
+                                  input_names=list(names_in), output_names=list(names_out),
+                                  dynamic_axes=dynamic_axes(contract), opset_version=OPSET, dynamo=False,
+                                  do_constant_folding=True)
+            proto = onnx.load(str(tmp))
+        finally:
+            tmp.unlink(missing_ok=True)  # the trace is only an intermediate
     if fp16:
         contract = replace(contract, precision="fp16")
     _set_metadata(proto, contract)
     name = model_file_name(contract) if final_name is None else final_name
-    fd, staged = tempfile.mkstemp(dir=out_dir, prefix=f".{name or 'model'}.", suffix=".partial.onnx")
-    os.close(fd)
-    try:
+    with staged_file(out_dir / (name or "model.onnx"), ".partial.onnx") as staged:
         onnx.save(proto, staged)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staged, 0o666 & ~umask)  # mkstemp creates 0600; a model is an ordinary file
         if name:
             os.replace(staged, out_dir / name)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
-    return (out_dir / name if name else Path(staged)), contract, torch_graph
+    return (out_dir / name if name else staged), contract, torch_graph
 
 
 def model_file_name(contract: Contract) -> str:

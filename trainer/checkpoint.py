@@ -13,7 +13,6 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from cfr_runtime.errors import CheckpointError, InputError
+from cfr_runtime.fileio import staged_file
 
 from .models.configs import OFFICIAL_CLASS, build_model, identify_arch
 from .models.plainvit import PlainVitModel, resize_pos_embed
@@ -261,15 +261,7 @@ def save_checkpoint(path: str | os.PathLike, model: PlainVitModel, params: dict,
         "cfr_icl": {"format": FORMAT_VERSION, **extras.pop("meta", {})},
         **extras,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with staged_file(path, ".tmp") as tmp:
         torch.save(payload, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
