@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .buffers import alloc_buffers  # noqa: F401  (re-exported: callers and tests import it from here)
 from .contract import Contract
 from .errors import ContractError
 
@@ -30,13 +31,6 @@ class Runner(Protocol):
     image_dirty: bool  # set by the Session after writing `image`; device backends upload it then
 
     def run(self) -> np.ndarray: ...
-
-
-def alloc_buffers(contract: Contract) -> dict[str, np.ndarray]:
-    shapes = contract.shapes()
-    bufs = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
-    bufs["points"].fill(-1.0)
-    return bufs
 
 
 class Engine:

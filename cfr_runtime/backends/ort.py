@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..buffers import alloc_buffers
 from ..contract import (
     FULL_IMAGE,
     FULL_OUT_BOX,
@@ -20,7 +21,6 @@ from ..contract import (
     Contract,
     check_io,
 )
-from ..engine import alloc_buffers
 from ..errors import ContractError
 from ..full_runner import FullRunner
 

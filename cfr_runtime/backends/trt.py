@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..buffers import alloc_buffers
 from ..contract import (
     FULL_IMAGE,
     FULL_OUT_BOX,
@@ -22,7 +23,6 @@ from ..contract import (
     INPUT_NAMES,
     OUTPUT_PROBS,
 )
-from ..engine import alloc_buffers
 from ..errors import CfrError
 from ..full_runner import FullRunner
 from ..plan import check_plan, read_sidecar
