@@ -234,3 +234,38 @@ def check_io(contract: Contract, inputs: dict[str, tuple], outputs: dict[str, tu
                 raise ContractError(
                     f"{source}: {kind} '{name}' has shape {shape}, the contract says {want[name]}"
                 )
+
+
+# ---- external data: a graph past the 2 GB protobuf limit keeps its weights in one file beside it ---------
+DATA_META_KEY = "cfr_icl.external_data"  # metadata_props entry next to META_KEY, present only in such graphs
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """The weights file of a graph saved with ONNX external data, as the graph's metadata records it: a bare
+    file name beside the graph (e.g. `model.onnx.data`), its size and sha256, so that a missing, truncated,
+    altered or swapped data file is refused instead of computing with other weights."""
+
+    name: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> DataFile:
+        try:
+            data = json.loads(text)
+            name, size, sha = data["name"], data["size"], data["sha256"]
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise ContractError(f"{source}: malformed '{DATA_META_KEY}' metadata ({exc!r}); the file is corrupt or "
+                                "was not written by cfr-export") from None
+        # a bare name only: a graph must not make the runtime read (or hash) files elsewhere on the disk
+        if not (isinstance(name, str) and name and name not in (".", "..") and "/" not in name and "\\" not in name
+                and "\x00" not in name):
+            raise ContractError(f"{source}: its data file name {name!r} is not a plain file name beside the graph")
+        if not (_is_int(size) and size >= 0) or not (isinstance(sha, str) and len(sha) == 64
+                                                    and all(c in "0123456789abcdef" for c in sha)):
+            raise ContractError(f"{source}: malformed '{DATA_META_KEY}' metadata (size {size!r}, sha256 {sha!r})")
+        return cls(name, size, sha)

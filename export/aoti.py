@@ -46,13 +46,25 @@ def export_aoti(checkpoint: str | Path, out_dir: str | Path, size: int = 448, ma
     args = tuple(torch.from_numpy(ex[k]).to(device) for k in contract.input_names())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"model_full_{precision}" if contract.full else f"model_{precision}"
     with torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(contract))
-        path = torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / f"{stem}.pt2"))
-    Path(path + ".json").write_text(json.dumps({"contract": json.loads(contract.to_json()), "device": device,
-                                                "torch": torch.__version__}, indent=1))
-    return Path(path)
+        # past 2 GB of weights (ViT-H fp32) Inductor appends them to the library and maps them at load
+        # (torch._inductor.utils.determine_aoti_mmap_flags); nothing to choose here
+        path = Path(torch._inductor.aoti_compile_and_package(
+            program, package_path=str(out_dir / package_name(contract.full, precision))))
+    path.with_name(sidecar_name(path)).write_text(json.dumps({"contract": json.loads(contract.to_json()),
+                                                              "device": device, "torch": torch.__version__}, indent=1))
+    return path
+
+
+def package_name(full: bool, precision: str) -> str:
+    """model_fp16.pt2, model_full_fp32.pt2, ..."""
+    return f"model_full_{precision}.pt2" if full else f"model_{precision}.pt2"
+
+
+def sidecar_name(package: str | Path) -> str:
+    """The JSON beside a package (its contract, device and torch version): `<package name>.json`."""
+    return f"{Path(package).name}.json"
 
 
 def _dynamic_shapes(contract: Contract):
@@ -67,7 +79,8 @@ def _dynamic_shapes(contract: Contract):
 
 def full_program_outputs(package: str | Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """probs_full of a compiled full-graph package on numpy inputs (the cfr-export check)."""
-    meta = json.loads(Path(str(package) + ".json").read_text())
+    package = Path(package)
+    meta = json.loads(package.with_name(sidecar_name(package)).read_text())
     contract = Contract.from_json(json.dumps(meta["contract"]), str(package))
     fn = torch._inductor.aoti_load_package(str(package))
     with torch.inference_mode():
@@ -77,7 +90,7 @@ def full_program_outputs(package: str | Path, inputs: dict[str, np.ndarray]) -> 
 
 def aoti_engine(package: str | Path, cuda_graph: bool = True) -> Engine:
     package = Path(package)
-    meta = json.loads(Path(str(package) + ".json").read_text())
+    meta = json.loads(package.with_name(sidecar_name(package)).read_text())
     contract = Contract.from_json(json.dumps(meta["contract"]), str(package))
     device = torch.device(meta["device"])
     fn = torch._inductor.aoti_load_package(str(package))

@@ -7,16 +7,15 @@ the (minutes-long) export starts.
 
 from __future__ import annotations
 
-import os
-import shutil
+import gc
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from cfr_runtime.contract import MAX_INPUT_SIZE, MAX_POINTS_LIMIT
 from cfr_runtime.errors import CfrError
+from cfr_runtime.fileio import commit, remove_new_dirs_on_error, staged_file
 
 
 def _preflight(engine: str, device: str) -> str:
@@ -40,14 +39,16 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
     """Compile into a staging folder, check against torch, then move the package beside the ONNX graph."""
     from cfr_runtime.contract import INPUT_NAMES
 
-    from .aoti import aoti_engine, export_aoti, full_program_outputs
+    from .aoti import aoti_engine, export_aoti, full_program_outputs, package_name, sidecar_name
     from .onnx_export import full_verification_cases, torch_reference, verification_cases
     from .verify import check_output_range, worst_diff
 
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".aoti-"))
-    try:
-        package = export_aoti(checkpoint, staging, contract.input_size, contract.max_points, contract.flip,
-                              "fp16" if fp16 else "fp32", device, **limits)
+    precision = "fp16" if fp16 else "fp32"
+    final = out_dir / package_name(contract.full, precision)
+    # the package and its JSON sidecar are staged together under their final names, moved only once they match
+    with staged_file(final, ".partial", folder=True) as staged:
+        package = export_aoti(checkpoint, staged.parent, contract.input_size, contract.max_points, contract.flip,
+                              precision, device, **limits)
         worst = 0.0
         if contract.full:
             for case in full_verification_cases(contract, seed=verify_seed or 0):
@@ -67,12 +68,8 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
         if not worst <= tol:  # NaN included
             raise CfrError(f"{package.name}: compiled package does not match torch (max abs diff {worst:.3g}, "
                            f"tolerance {tol:g}); not written")
-        for src in (package, Path(str(package) + ".json")):
-            os.replace(src, out_dir / src.name)
-        click.echo(f"wrote {out_dir / package.name}\n  aoti: max |aoti - torch fp32| = {worst:.3g} "
-                   f"(tolerance {tol:g})")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        commit(package, final, [sidecar_name(final)])
+    click.echo(f"wrote {final}\n  aoti: max |aoti - torch fp32| = {worst:.3g} (tolerance {tol:g})")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,48 +110,66 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | 
     if exact_flip:
         limits["exact_flip"] = True
     try:
-        aoti_device = _preflight(engine, device)
-        from .verify import export_verified
-
-        fp32_path, contract, torch_graph, report = export_verified(checkpoint, out_dir, size, max_points, flip,
-                                                                   seed=verify_seed, **limits)
-        native = contract.arch.get("backbone_params", {}).get("img_size", [contract.input_size])[0]
-        if native != contract.input_size:
-            click.echo(f"note: the checkpoint was trained at {native} px; exported at --size "
-                       f"{contract.input_size} (position embedding resized: different results and "
-                       f"{(contract.input_size / native) ** 2:.2g}x the work per forward)")
-        click.echo(f"wrote {fp32_path}\n  fp32: {report}")
-        onnx_path = fp32_path
-        if fp16:
-            onnx_path, _, _, report16 = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip,
-                                                        fp16=True, seed=verify_seed, reference=torch_graph,
-                                                        **limits)
-            click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
-        if int8:
-            from cfr_runtime.fileio import staged_file
-
-            from .quantize import quantize_int8, read_contract
-            from .verify import commit, verify_onnx
-
-            final = fp32_path.with_name(fp32_path.stem + "_int8.onnx")
-            with staged_file(final, ".partial.onnx") as staged:  # verified, then renamed over the old file
-                quantize_int8(fp32_path, staged)
-                report8 = verify_onnx(staged, torch_graph, read_contract(staged), seed=verify_seed)
-                int8_path = commit(staged, final)
-            click.echo(f"wrote {int8_path}\n  int8: {report8}")
-        if engine == "trt":
-            from .trt import build_plan
-
-            plan = build_plan(onnx_path, out_dir)
-            click.echo(f"wrote {plan}")
-        if engine == "aoti":
-            _export_aoti(checkpoint, out_dir, contract, torch_graph, fp16, aoti_device, verify_seed, limits)
+        with remove_new_dirs_on_error(out_dir):  # a failed first export leaves no empty folder behind
+            _export(checkpoint, engine, device, out_dir, size, max_points, flip, fp16, int8, verify_seed, limits)
     except CfrError as exc:
         click.echo(f"cfr-export: error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # a full disk or a folder made read-only mid-export
         click.echo(f"cfr-export: error: cannot write to {out_dir}: {exc}", err=True)
         sys.exit(2)
+
+
+def _export(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | None, max_points: int,
+            flip: bool, fp16: bool, int8: bool, verify_seed: int | None, limits: dict) -> None:
+    """Every artifact in turn, each verified against the fp32 torch graph before it takes its real name."""
+    aoti_device = _preflight(engine, device)
+    from .verify import TorchReferences, export_verified, fresh_seed
+
+    # one set of fresh inputs for every artifact of this run, so torch computes its reference outputs once
+    seed, refs = (fresh_seed() if verify_seed is None else verify_seed), TorchReferences()
+    fp32_path, contract, torch_graph, report = export_verified(checkpoint, out_dir, size, max_points, flip,
+                                                               seed=seed, references=refs, **limits)
+    native = contract.arch.get("backbone_params", {}).get("img_size", [contract.input_size])[0]
+    if native != contract.input_size:
+        click.echo(f"note: the checkpoint was trained at {native} px; exported at --size "
+                   f"{contract.input_size} (position embedding resized: different results and "
+                   f"{(contract.input_size / native) ** 2:.2g}x the work per forward)")
+    click.echo(f"wrote {_with_data(fp32_path)}\n  fp32: {report}")
+    onnx_path = fp32_path
+    if fp16:
+        onnx_path, _, _, report16 = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip,
+                                                    fp16=True, seed=seed, base=(contract, torch_graph),
+                                                    references=refs, **limits)
+        click.echo(f"wrote {_with_data(onnx_path)}\n  fp16: {report16}")
+    if int8:
+        from .quantize import quantize_int8, read_contract
+        from .verify import verified_commit
+
+        if engine != "aoti":  # the int8 check reuses the cached torch outputs: free the model (ViT-H: 2.6 GB)
+            torch_graph = None  # before ONNX Runtime's quantizer, which holds the fp32 weights several times
+            gc.collect()
+        final = fp32_path.with_name(fp32_path.stem + "_int8.onnx")
+        with staged_file(final, ".partial", folder=True) as staged:  # verified, then moved over the old one
+            quantize_int8(fp32_path, staged)
+            report8 = verified_commit(staged, final, torch_graph, read_contract(staged), seed=seed,
+                                      references=refs)
+        click.echo(f"wrote {_with_data(final)}\n  int8: {report8}")
+    if engine == "trt":
+        from .trt import build_plan
+
+        plan = build_plan(onnx_path, out_dir)
+        click.echo(f"wrote {plan}")
+    if engine == "aoti":
+        _export_aoti(checkpoint, out_dir, contract, torch_graph, fp16, aoti_device, verify_seed, limits)
+
+
+def _with_data(path: Path) -> str:
+    """The graph's path, and its data file's name when its weights are stored beside it."""
+    from cfr_runtime.onnx_file import data_file
+
+    record = data_file(path)
+    return f"{path} (+ {record.name}, {record.size / 1e9:.2f} GB)" if record else str(path)
 
 
 def _hw(text: str | None, option: str) -> tuple[int, int] | None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import copy
+import logging
+import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,17 +22,19 @@ from cfr_runtime.contract import (
     GRAPH_FULL,
     GRAPH_SQUARE,
     INPUT_NAMES,
-    META_KEY,
     Contract,
 )
 from cfr_runtime.errors import CfrError, CheckpointError
-from cfr_runtime.fileio import staged_file
+from cfr_runtime.fileio import remove_new_dirs_on_error, staged_file
 from cfr_runtime.resample import crop_tables, paste_axis
 from trainer.checkpoint import load_model
 from trainer.models.full_graph import FullGraph
 from trainer.models.graph import ContractGraph
 
+from .graph_file import commit_graph, save_graph
+
 OPSET = 17
+log = logging.getLogger(__name__)  # stage by stage, for long exports (bench/vith_smoke.py shows it)
 
 
 class ExportError(CfrError):
@@ -129,14 +134,6 @@ def torch_reference(graph: ContractGraph | FullGraph, inputs: dict[str, np.ndarr
         return graph(*(torch.from_numpy(inputs[k]) for k in INPUT_NAMES)).numpy()
 
 
-def _set_metadata(model: onnx.ModelProto, contract: Contract) -> None:
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = META_KEY, contract.to_json()
-    model.producer_name = "cfr-icl"
-    model.producer_version = cfr_runtime.__version__
-
-
 def check_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
     """Refuse a model with NaN/inf parameters: its graph would export and 'verify' (NaN vs NaN), then return
     NaN probabilities, i.e. empty masks, at run time."""
@@ -171,23 +168,13 @@ def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
             for name, (shape, _) in contract.io().items() if DIM_H in shape or DIM_W in shape}
 
 
-def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = None, max_points: int = 24,
-                flip: bool = True, fp16: bool = False, graph: str = GRAPH_SQUARE,
-                max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
-                exact_flip: bool = False, final_name: str | None = None,
-                ) -> tuple[Path, Contract, ContractGraph | FullGraph]:
-    """Write `model.onnx` (or `model_fp16.onnx`; `model_full*.onnx` for graph="full") into out_dir; return
-    its path, contract and torch graph (fp32, the verification reference).
-
-    size None keeps the checkpoint's own input size. The file is written under a temporary name and renamed,
-    so a crash never leaves half a model; `final_name=""` leaves it under the temporary name for the caller
-    to verify and rename (what cfr-export does, so that a rejected graph never replaces a good one).
-    """
+def _load(checkpoint: str | Path, size: int | None, max_points: int, flip: bool, graph: str,
+          max_image: tuple[int, int] | None, opt_image: tuple[int, int] | None, exact_flip: bool):
+    """The fp32 model of a checkpoint and the contract of its export (square or full graph)."""
     if graph not in (GRAPH_SQUARE, GRAPH_FULL):
         raise ExportError(f"unknown graph {graph!r}; choose 'square' or 'full'")
     if exact_flip and graph != GRAPH_FULL:
         raise ExportError("--exact-flip needs --graph full (the square graph receives clicks already mapped)")
-    out_dir = _writable_dir(Path(out_dir))
     model, info = load_model(checkpoint, input_size=size)
     check_finite_weights(model, checkpoint)
     size = model.backbone.patch_embed.img_size[0]
@@ -202,35 +189,79 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
     contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=dict(
         name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
         package_version=cfr_runtime.__version__, graph=graph, **limits)
-    torch_graph = build_graph(model, contract)
-    export_graph = torch_graph
-    if fp16:
-        # Built in torch rather than by an ONNX rewriting pass: the model itself keeps LayerNorm,
-        # GroupNorm, softmax, the click disks and the final sigmoid in fp32 (see plainvit.py).
-        half, _ = load_model(checkpoint, input_size=size)
-        export_graph = build_graph(half.half_precision(), contract)
+    return model, contract
+
+
+def _model_of(graph: ContractGraph | FullGraph):
+    return (graph.square if isinstance(graph, FullGraph) else graph).model
+
+
+def trace_graph(module: torch.nn.Module, contract: Contract, path: Path) -> None:
+    """torch's ONNX exporter on the contract's inputs, writing `path`. Past 2 GB it writes each weight as its own
+    file beside `path`, so `path` gets a folder of its own (the caller's scratch space)."""
     names_in, names_out = contract.input_names(), contract.output_names()
-    dummy = full_example_inputs(contract, size + 13, size + 29) if contract.full else example_inputs(contract)
-    with staged_file(out_dir / "model.onnx", ".trace.onnx") as tmp:
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(export_graph, tuple(torch.from_numpy(dummy[k]) for k in names_in), str(tmp),
-                                  input_names=list(names_in), output_names=list(names_out),
-                                  dynamic_axes=dynamic_axes(contract), opset_version=OPSET, dynamo=False,
-                                  do_constant_folding=True)
-            proto = onnx.load(str(tmp))
-        finally:
-            tmp.unlink(missing_ok=True)  # the trace is only an intermediate
-    if fp16:
-        contract = replace(contract, precision="fp16")
-    _set_metadata(proto, contract)
-    name = model_file_name(contract) if final_name is None else final_name
-    with staged_file(out_dir / (name or "model.onnx"), ".partial.onnx") as staged:
-        onnx.save(proto, staged)
-        if name:
-            os.replace(staged, out_dir / name)
-    return (out_dir / name if name else staged), contract, torch_graph
+    s = contract.input_size
+    dummy = full_example_inputs(contract, s + 13, s + 29) if contract.full else example_inputs(contract)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(torch.from_numpy(dummy[k]) for k in names_in), str(path),
+                          input_names=list(names_in), output_names=list(names_out),
+                          dynamic_axes=dynamic_axes(contract), opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+
+
+def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = None, max_points: int = 24,
+                flip: bool = True, fp16: bool = False, graph: str = GRAPH_SQUARE,
+                max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
+                exact_flip: bool = False,
+                check: Callable[[Path, Contract, ContractGraph | FullGraph], object] | None = None,
+                base: tuple[Contract, ContractGraph | FullGraph] | None = None,
+                ) -> tuple[Path, Contract, ContractGraph | FullGraph]:
+    """Write `model.onnx` (`model_fp16.onnx`; `model_full*.onnx` for graph="full") into out_dir, with its data
+    file `<name>.data` beside it when the weights pass the protobuf limit (export/graph_file.py); return its
+    path, contract and the fp32 torch graph (the verification reference).
+
+    size None keeps the checkpoint's own input size. Everything is written in a private staging folder beside
+    the target (torch's trace, the graph, its data file); `check(staged_graph, contract, fp32_graph)` runs there
+    (cfr-export verifies against torch), and only when it returns are the files moved into place. If anything
+    raises, the staging folder is removed, an existing model is left untouched, and an output folder that this
+    call created is removed again.
+
+    base: the (contract, fp32 torch graph) of the same checkpoint's fp32 export; the fp16 export then halves a
+    copy of that model instead of loading the checkpoint twice more (ViT-H: 2.6 GB per copy).
+    """
+    out_dir = Path(out_dir)
+    with remove_new_dirs_on_error(out_dir):
+        out_dir = _writable_dir(out_dir)
+        if base is not None and fp16:
+            contract, torch_graph = base
+            export_graph = build_graph(copy.deepcopy(_model_of(torch_graph)).half_precision(), contract)
+        else:
+            model, contract = _load(checkpoint, size, max_points, flip, graph, max_image, opt_image, exact_flip)
+            torch_graph = export_graph = build_graph(model, contract)
+            if fp16:
+                # Built in torch rather than by an ONNX rewriting pass: the model itself keeps LayerNorm,
+                # GroupNorm, softmax, the click disks and the final sigmoid in fp32 (see plainvit.py).
+                export_graph = build_graph(copy.deepcopy(model).half_precision(), contract)
+        if fp16:
+            contract = replace(contract, precision="fp16")
+        final = out_dir / model_file_name(contract)
+        with staged_file(final, ".partial", folder=True) as staged:
+            trace_dir = staged.parent / "trace"
+            trace_dir.mkdir()
+            log.info("%s: tracing with torch", final.name)
+            trace_graph(export_graph, contract, trace_dir / "trace.onnx")
+            del export_graph  # the fp16 copy is not needed past the trace
+            log.info("%s: writing", final.name)
+            record = save_graph(onnx.load(str(trace_dir / "trace.onnx"), load_external_data=False), staged, contract,
+                                trace_dir)
+            shutil.rmtree(trace_dir)  # torch's loose weight files: 2.6 GB of disk for ViT-H
+            log.info("%s: written%s", final.name, f" with {record.name} ({record.size} bytes)" if record else "")
+            if check is not None:
+                check(staged, contract, torch_graph)
+            commit_graph(staged, final)
+            log.info("%s: committed", final.name)
+    return final, contract, torch_graph
 
 
 def model_file_name(contract: Contract) -> str:

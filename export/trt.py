@@ -7,13 +7,12 @@ graph may still be built with the FP16 flag (`fp16_flag=True`); an fp16 graph is
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cfr_runtime.contract import Contract
 from cfr_runtime.errors import CfrError
+from cfr_runtime.fileio import commit, file_sha256, staged_file
 from cfr_runtime.plan import PlanInfo, sidecar_path
-from trainer.checkpoint import file_sha256
 
 WORKSPACE_BYTES = 4 << 30
 
@@ -76,7 +75,9 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, fp16_flag: bool = Fal
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    # from the file, not from bytes: the parser then resolves a graph's external data (model.onnx.data, checked
+    # against the graph's record by read_contract_from_file above) relative to the graph's own folder
+    if not parser.parse_from_file(str(onnx_path.resolve())):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CfrError(f"{onnx_path}: TensorRT cannot parse the graph: {errors}")
     config = builder.create_builder_config()
@@ -97,10 +98,12 @@ def build_plan(onnx_path: str | Path, out_dir: str | Path, fp16_flag: bool = Fal
         raise CfrError(f"{onnx_path}: TensorRT failed to build a plan (see the log above)")
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = out_dir / f"{onnx_path.stem}.plan"
-    staged = plan.with_name(f".{plan.name}.partial")
-    staged.write_bytes(bytes(serialized))
-    os.replace(staged, plan)  # an interrupted build never leaves half a plan under the real name
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     info = PlanInfo(contract, trt.__version__, gpu_name, cc, file_sha256(onnx_path))
-    sidecar_path(plan).write_text(info.to_json())
+    # plan and sidecar staged together and moved into place together: an interrupted build never leaves half a
+    # plan under the real name, nor a plan beside another plan's sidecar
+    with staged_file(plan, ".partial", folder=True) as staged:
+        staged.write_bytes(bytes(serialized))
+        sidecar_path(staged).write_text(info.to_json())
+        commit(staged, plan, [sidecar_path(staged).name])
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     return plan

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,15 +10,18 @@ import numpy as np
 
 from cfr_runtime.contract import INPUT_NAMES, OUTPUT_PROBS, Contract
 from cfr_runtime.errors import CfrError, ModelOutputError
+from cfr_runtime.onnx_file import check_data_file
 from cfr_runtime.zoom import mask_box
 from trainer.models.full_graph import FullGraph
 from trainer.models.graph import ContractGraph
 
+from .graph_file import commit_graph
 from .onnx_export import ExportError, full_verification_cases, torch_reference, verification_cases
 
 # probabilities in [0, 1]; fp32 differs by reduction order only, fp16 by half-precision rounding, int8
 # (export/quantize.py: int8 weights, activations quantized at run time) by 8-bit rounding of every MatMul
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 5e-2}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,19 +49,49 @@ def _check_full_outputs(path, got: list[np.ndarray], inputs: dict[str, np.ndarra
                           f"{want_box} / {want_changed}")
 
 
-def verify_onnx(path: str | Path, graph: ContractGraph | FullGraph, contract: Contract, seed: int | None = None,
-                tolerance: float | None = None) -> VerifyReport:
+class TorchReferences:
+    """The outputs of ONE fp32 torch graph on verification cases, computed once per (seed, case) and shared by
+    the verifications of one cfr-export run: its fp32, fp16 and int8 graphs are checked on the same fresh inputs,
+    the torch forward is half of each check (ViT-H on 2 CPU cores: minutes), and once the outputs are here the
+    torch model itself can be freed before the int8 quantization (2.6 GB for ViT-H)."""
+
+    def __init__(self) -> None:
+        self._outputs: dict[tuple, object] = {}
+
+    def __call__(self, graph: ContractGraph | FullGraph | None, contract: Contract, seed: int, case: int,
+                 inputs: dict[str, np.ndarray]):
+        key = (seed, case, contract.graph, contract.input_size, contract.max_points, contract.flip)
+        if key not in self._outputs:
+            if graph is None:
+                raise ExportError(f"no torch reference for verification case {key} (the torch model was "
+                                  "released before every case was computed)")
+            self._outputs[key] = torch_reference(graph, inputs)
+        return self._outputs[key]
+
+
+def fresh_seed() -> int:
+    return int(np.random.default_rng().integers(1 << 30))
+
+
+def verify_onnx(path: str | Path, graph: ContractGraph | FullGraph | None, contract: Contract,
+                seed: int | None = None, tolerance: float | None = None,
+                references: TorchReferences | None = None) -> VerifyReport:
     """Every ONNX artifact (fp32, fp16, int8, offline-optimized) against the fp32 torch graph; the tolerance
-    comes from the contract's precision."""
+    comes from the contract's precision. `references` shares the torch outputs between the checks of one run
+    (`graph` may then be None for cases it already holds)."""
     import onnxruntime as ort
 
+    log.info("%s: verifying against torch", Path(path).name)
+    check_data_file(path)  # the weights ONNX Runtime is about to read are the ones that were exported
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
+    log.info("%s: ONNX Runtime session loaded", Path(path).name)
+    seed = fresh_seed() if seed is None else seed
+    reference = references or TorchReferences()
     tol = TOLERANCE[contract.precision] if tolerance is None else tolerance
     if contract.full:
         worst, disagree, cases = 0.0, 0.0, full_verification_cases(contract, seed)
-        for inputs in cases:
-            want = torch_reference(graph, inputs)[0]
+        for i, inputs in enumerate(cases):
+            want = reference(graph, contract, seed, i, inputs)[0]
             check_output_range(want, f"{path}: the torch model")
             got = sess.run(list(contract.output_names()), {k: inputs[k] for k in contract.input_names()})
             check_output_range(got[0], f"{path}: the exported graph")
@@ -70,8 +103,8 @@ def verify_onnx(path: str | Path, graph: ContractGraph | FullGraph, contract: Co
             raise ExportError(f"{path}: exported full graph does not match torch: {report}")
         return report
     worst, disagree, cases = 0.0, 0.0, verification_cases(contract, seed)
-    for inputs in cases:
-        want = torch_reference(graph, inputs)
+    for i, inputs in enumerate(cases):
+        want = reference(graph, contract, seed, i, inputs)
         check_output_range(want, f"{path}: the torch model")
         got = sess.run([OUTPUT_PROBS], {k: inputs[k] for k in INPUT_NAMES})[0]
         check_output_range(got, f"{path}: the exported graph")
@@ -97,32 +130,39 @@ def check_output_range(probs: np.ndarray, what: str) -> None:
                                "a precision overflow; nothing was kept")
 
 
-def commit(staged: Path, final: Path) -> Path:
-    """Move a verified file over the old one (atomic on one filesystem)."""
-    os.replace(staged, final)
-    return final
+def verified_commit(staged: Path, final: Path, graph: ContractGraph | FullGraph | None, contract: Contract,
+                    seed: int | None = None, references: TorchReferences | None = None) -> VerifyReport:
+    """Verify a staged graph (fp32, fp16, full or int8) against torch and only then move it, with its data file,
+    over `final`: the one route by which every ONNX artifact of cfr-export reaches its real name."""
+    report = verify_onnx(staged, graph, contract, seed=seed, references=references)
+    commit_graph(staged, final)
+    log.info("%s: committed", final.name)
+    return report
 
 
 def export_verified(checkpoint: str | Path, out_dir: str | Path, size: int | None, max_points: int, flip: bool,
-                    fp16: bool = False, seed: int | None = None, reference: ContractGraph | FullGraph | None = None,
-                    **graph_options) -> tuple[Path, Contract, ContractGraph | FullGraph, VerifyReport]:
-    """Export to a temporary file, verify it against torch, and only then replace `model[_fp16].onnx`.
+                    fp16: bool = False, seed: int | None = None,
+                    base: tuple[Contract, ContractGraph | FullGraph] | None = None,
+                    references: TorchReferences | None = None, **graph_options
+                    ) -> tuple[Path, Contract, ContractGraph | FullGraph, VerifyReport]:
+    """Export into a staging folder, verify against torch there, and only then replace `model[_fp16].onnx` (and
+    its data file).
 
-    A rejected graph is deleted and an existing model file is left untouched. `reference` is the fp32
-    graph the fp16 export is checked against (the fp32 export's graph); `graph_options` (graph, max_image,
-    opt_image, exact_flip) choose the square or full-resolution contract."""
+    A rejected graph is deleted with its staging folder and an existing model is left untouched. `base` is the
+    (contract, fp32 graph) of the fp32 export: the fp16 export is made from that model and checked against it;
+    `graph_options` (graph, max_image, opt_image, exact_flip) choose the square or full-resolution contract."""
     from .onnx_export import export_onnx, model_file_name
 
-    staged, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=fp16, final_name="",
-                                          **graph_options)
-    name = model_file_name(contract)
-    try:
-        report = verify_onnx(staged, reference or graph, contract, seed=seed)
-    except CfrError as exc:
-        staged.unlink(missing_ok=True)
-        kept = " (the existing one was kept)" if (Path(out_dir) / name).exists() else ""
-        raise type(exc)(f"{name} not written{kept}: {str(exc).replace(str(staged), 'export')}") from None
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return commit(staged, Path(out_dir) / name), contract, graph, report
+    reports: list[VerifyReport] = []
+
+    def check(staged: Path, contract: Contract, graph: ContractGraph | FullGraph) -> None:
+        name = model_file_name(contract)
+        try:
+            reports.append(verify_onnx(staged, graph, contract, seed=seed, references=references))
+        except CfrError as exc:
+            kept = " (the existing one was kept)" if (Path(out_dir) / name).exists() else ""
+            raise type(exc)(f"{name} not written{kept}: {str(exc).replace(str(staged), 'export')}") from None
+
+    path, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=fp16, check=check,
+                                        base=base, **graph_options)
+    return path, contract, graph, reports[0]

@@ -96,6 +96,34 @@ def test_export_refuses_bad_checkpoint(tmp_path):
     assert result.exit_code == 2 and "not a readable torch checkpoint" in result.output
 
 
+def test_torch_references_are_shared(tiny_checkpoint, tmp_path):
+    """One run verifies fp32, fp16 and int8 on the same inputs: torch computes each reference once, and a check
+    whose cases are all cached needs no torch model (cfr-export frees ViT-H's 2.6 GB before quantizing)."""
+    from export.onnx_export import ExportError
+    from export.verify import TorchReferences
+
+    path, contract, graph = export_onnx(tiny_checkpoint, tmp_path, size=224)
+    refs = TorchReferences()
+    first = verify_onnx(path, graph, contract, seed=1, references=refs)
+    again = verify_onnx(path, None, contract, seed=1, references=refs)
+    assert first.max_abs_diff == again.max_abs_diff < 1e-4
+    with pytest.raises(ExportError, match="no torch reference"):
+        verify_onnx(path, None, contract, seed=2, references=refs)
+
+
+def test_failed_export_leaves_no_empty_folder(tmp_path):
+    """cfr-export creates its -o folder (and missing parents); when the export then fails they are removed again,
+    while a folder that existed before stays."""
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(export_main, [str(bad), "-o", str(tmp_path / "new" / "out")])
+    assert result.exit_code == 2, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
+    (tmp_path / "old").mkdir()
+    result = CliRunner().invoke(export_main, [str(bad), "-o", str(tmp_path / "old")])
+    assert result.exit_code == 2 and (tmp_path / "old").is_dir(), result.output
+
+
 @pytest.mark.slow
 def test_vit_base_export_and_verify(tmp_path):
     """A randomly initialised ViT-B in our format exports and matches torch (fp32 and fp16)."""

@@ -86,7 +86,7 @@ def test_cycle_finder_finds_a_cycle():
 
 
 @pytest.mark.parametrize("module", ["cfr_runtime.backends.ort", "cfr_runtime.backends.trt", "cfr_runtime.buffers",
-                                    "cfr_runtime.engine"])
+                                    "cfr_runtime.onnx_file", "cfr_runtime.engine"])
 def test_each_module_imports_first_in_a_fresh_interpreter(module):
     """Imported first (before anything else of the package), each module loads; and none pulls in torch."""
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from cfr_runtime import Engine, Session
 from export.cli import main as export_main
-from export.onnx_export import ExportError, _set_metadata, export_onnx
+from export.graph_file import set_metadata
+from export.onnx_export import ExportError, export_onnx
 from export.quantize import optimize_offline, quantize_int8, read_contract
 from export.verify import TOLERANCE, verify_onnx
 
@@ -56,7 +57,7 @@ def test_int8_runs_in_a_session(exported):
 def test_int8_refuses_non_fp32_input(exported, tmp_path):
     path, contract, _ = exported
     model = onnx.load(str(path))
-    _set_metadata(model, replace(contract, precision="fp16"))
+    set_metadata(model, replace(contract, precision="fp16"))
     onnx.save(model, str(tmp_path / "model_fp16.onnx"))
     with pytest.raises(ExportError, match="starts from the fp32 graph"):
         quantize_int8(tmp_path / "model_fp16.onnx")

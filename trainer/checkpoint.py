@@ -9,7 +9,6 @@ run code. Ours store a plain-data config and load with `weights_only=True` uncha
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import pickle
 import re
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from cfr_runtime.errors import CheckpointError, InputError
-from cfr_runtime.fileio import staged_file
+from cfr_runtime.fileio import file_sha256, staged_file
 
 from .models.configs import OFFICIAL_CLASS, build_model, identify_arch
 from .models.plainvit import PlainVitModel, resize_pos_embed
@@ -47,14 +46,6 @@ _ALLOWED = [
     (OfficialLossPlaceholder, f"{_LOSS_MODULE}.CrossEntropyLoss"),
     (_refused_function, f"{_LOSS_MODULE}.cross_entropy"),
 ]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe_load(path: Path) -> Any:

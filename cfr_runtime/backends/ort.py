@@ -23,6 +23,7 @@ from ..contract import (
 )
 from ..errors import ContractError
 from ..full_runner import FullRunner
+from ..onnx_file import check_data_file, read_metadata
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -51,25 +52,31 @@ def _without_graph(provider):
     return provider[0], opts
 
 
-def read_contract(session, source: str) -> Contract:
-    meta = session.get_modelmeta().custom_metadata_map
+def _contract_from_metadata(meta: dict[str, str], source: str) -> Contract:
     if META_KEY not in meta:
         raise ContractError(
             f"{source}: no '{META_KEY}' metadata; this ONNX file was not written by cfr-export "
             "(export the checkpoint with `cfr-export CHECKPOINT -o DIR`)"
         )
-    contract = Contract.from_json(meta[META_KEY], source)
+    return Contract.from_json(meta[META_KEY], source)
+
+
+def read_contract(session, source: str) -> Contract:
+    contract = _contract_from_metadata(session.get_modelmeta().custom_metadata_map, source)
     check_io(contract, {i.name: i.shape for i in session.get_inputs()},
              {o.name: o.shape for o in session.get_outputs()}, source)
     return contract
 
 
 def read_contract_from_file(path: Path) -> Contract:
-    """The contract of an ONNX file, read with the onnx package when present, else with ONNX Runtime."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return read_contract(session, str(path))
+    """The contract of an ONNX file from its metadata, without loading the graph or its weights (ViT-H's are
+    2.6 GB), and its external data file checked. Tensor names and shapes are checked against the contract where
+    the graph is loaded (ONNX Runtime: `OrtModel`; TensorRT: when its plan is loaded)."""
+    meta = read_metadata(path)
+    if meta is None:
+        raise ContractError(f"{path}: not a readable ONNX file (missing, truncated or not a model)")
+    check_data_file(path, meta)
+    return _contract_from_metadata(meta, str(path))
 
 
 class OrtRunner:
@@ -250,6 +257,7 @@ class OrtModel:
         if threads:
             opts.intra_op_num_threads = threads
         self.graph_refused = ""
+        check_data_file(path)  # before ONNX Runtime reads it: a missing or altered weights file gets a clear error
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable files
