@@ -101,10 +101,11 @@ def build_variants(ckpt: Path, size: int, precisions: list[str], tmp: Path) -> t
     """Export and verify each precision; returns {precision: path}, the torch model and the verify reports."""
     from export.onnx_export import export_onnx
     from export.quantize import quantize_int8, read_contract
-    from export.verify import verify_onnx
+    from export.verify import TorchReferences, fresh_seed, verify_onnx
 
     fp32, contract, graph = export_onnx(ckpt, tmp, size=size)
     paths, reports = {}, {}
+    seed, refs = fresh_seed(), TorchReferences()  # every variant on the same fresh inputs: torch runs them once
     for prec in precisions:
         if prec == "fp32":
             path = fp32
@@ -114,7 +115,7 @@ def build_variants(ckpt: Path, size: int, precisions: list[str], tmp: Path) -> t
             path = export_onnx(ckpt, tmp, size=size, fp16=True)[0]
         else:
             raise SystemExit(f"unknown precision {prec!r}; choose from {PRECISIONS}")
-        report = verify_onnx(path, graph, read_contract(path))
+        report = verify_onnx(path, graph, read_contract(path), seed=seed, references=refs)
         print(f"{prec}: {path.name}: {report}", flush=True)
         paths[prec], reports[prec] = path, {"max_abs_diff": report.max_abs_diff,
                                             "mask_agreement": 1 - report.mask_disagreement,
