@@ -138,9 +138,10 @@ def _export(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int
     click.echo(f"wrote {_with_data(fp32_path)}\n  fp32: {report}")
     onnx_path = fp32_path
     if fp16:
-        onnx_path, _, _, report16 = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip,
-                                                    fp16=True, seed=seed, base=(contract, torch_graph),
-                                                    references=refs, **limits)
+        fp16_export = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip, fp16=True,
+                                      seed=seed, base=(contract, torch_graph), references=refs, **limits)
+        onnx_path, report16 = fp16_export[0], fp16_export[3]
+        del fp16_export  # it holds the torch graph too, which the int8 step frees
         click.echo(f"wrote {_with_data(onnx_path)}\n  fp16: {report16}")
     if int8:
         from .quantize import quantize_int8, read_contract

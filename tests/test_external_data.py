@@ -300,3 +300,31 @@ def test_trt_reads_the_contract_without_loading_the_weights(exported, tmp_path):
 
     plan = build_plan(exported[0] / "model_fp16.onnx", tmp_path / "plan")
     assert plan.is_file()
+
+
+def test_torch_model_is_freed_before_quantizing(tiny_checkpoint, tmp_path, monkeypatch):
+    """ONNX Runtime's quantizer holds the fp32 weights several times over (ViT-H: +5 GiB); the fp32 torch model
+    (2.6 GB) is not needed by then (the int8 check reuses the cached torch outputs) and must be gone."""
+    import gc
+    import weakref
+
+    import export.quantize
+
+    graphs, checked = [], []
+    real_export, real_quantize = export.verify.export_verified, export.quantize.quantize_int8
+
+    def spy_export(*args, **kw):
+        result = real_export(*args, **kw)
+        graphs.append(weakref.ref(result[2]))
+        return result
+
+    def spy_quantize(*args, **kw):
+        gc.collect()
+        checked.append([ref() is None for ref in graphs])
+        return real_quantize(*args, **kw)
+
+    monkeypatch.setattr(export.verify, "export_verified", spy_export)
+    monkeypatch.setattr(export.quantize, "quantize_int8", spy_quantize)
+    result = run_export(tiny_checkpoint, tmp_path, "--fp16", "--int8")
+    assert result.exit_code == 0, result.output
+    assert checked == [[True, True]]
