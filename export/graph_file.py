@@ -3,13 +3,14 @@ external data, and commits a graph together with its data file.
 
 A protobuf message cannot exceed 2 GB, and ViT-H's weights alone are 2.6 GB in fp32. A graph whose tensors
 total more than EXTERNAL_DATA_THRESHOLD keeps them in ONE file beside it, named after it (`model.onnx.data`),
-each tensor at a 4 KiB-aligned offset (ONNX Runtime can map aligned tensors instead of copying them); the
+each tensor at a 4 KiB-aligned offset (page alignment, which a loader needs to map a tensor rather than copy it); the
 graph's metadata records that file's name, size and sha256 (`cfr_runtime.contract.DataFile`), and the runtime
 refuses the graph when the file is missing or differs (`cfr_runtime.onnx_file.check_data_file`).
 
 Memory: the tensors are streamed, one at a time, from wherever the source graph keeps them (torch's exporter
 writes one file per tensor beside a graph past 2 GB; ONNX Runtime's optimizer one data file) into the data
-file, hashed on the way; the graph itself is never held with all its weights in memory.
+file, hashed on the way: a graph past the threshold is never held with all its weights in memory (one below it
+is, at most 1.75 GiB).
 """
 
 from __future__ import annotations
