@@ -27,9 +27,10 @@ def _bench(name: str) -> click.Command:
 
 COMMANDS = {"cfr-eval": eval_main, "cfr-serve": serve_main, "cfr-train": train_main, "cfr-export": export_main,
             "latency.py": _bench("latency"), "pareto.py": _bench("pareto"), "serve_load.py": _bench("serve_load"),
-            "main_job.py": _bench("main_job")}
+            "main_job.py": _bench("main_job"), "ablations.py": _bench("ablations"),
+            "gpu_full_graph_check.py": _bench("gpu_full_graph_check")}
 # spellings of an earlier release: still parsed, never shown in --help
-OLD = {"--images", "--modes", "--checkpoint", "--model", "--run-dir", "--eval-limit", "--cfr", "--acfr"}
+OLD = {"--images", "--modes", "--checkpoint", "--model", "--run-dir", "--eval-limit", "--cfr", "--acfr", "--runs"}
 
 
 def _visible(cmd: click.Command) -> list[click.Option]:
@@ -75,7 +76,8 @@ def test_one_name_one_meaning(opt, how):
 
 
 def test_every_writer_has_the_overwrite_flag():
-    writers = ["cfr-eval", "cfr-train", "cfr-export", "latency.py", "pareto.py", "serve_load.py", "main_job.py"]
+    writers = ["cfr-eval", "cfr-train", "cfr-export", "latency.py", "pareto.py", "serve_load.py", "main_job.py",
+               "ablations.py", "gpu_full_graph_check.py"]
     assert [n for n in writers if not any("--overwrite" in p.opts for p in _visible(COMMANDS[n]))] == []
 
 
@@ -95,6 +97,8 @@ def test_old_spellings_still_parse():
     assert _parse("serve_load.py", ["--model", "m.onnx"])["model_alias"] == Path("m.onnx")
     assert _parse("cfr-train", ["--run-dir", "runs/x"])["run_dir"] == "runs/x"
     assert _parse("main_job.py", ["--eval-limit", "3"])["limit"] == 3
+    assert _parse("ablations.py", ["--runs", "a=x", "b=y"])["runs"] == ("a=x", "b=y")
+    assert _parse("gpu_full_graph_check.py", ["-o", "x", "--cfr", "1", "--images", "1"])["cfr_n"] == 1
     ev = _parse("cfr-eval", ["--dataset", "d", "--cfr", "4", "--acfr"])
     assert (ev["cfr_n"], ev["acfr"]) == (4, True)
 

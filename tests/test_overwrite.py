@@ -171,3 +171,18 @@ def test_main_job_never_replaces_a_run_and_pins_threads(tmp_path, monkeypatch):
                                           "--overwrite"])
     assert again.exit_code == 0, again.output
     assert all("--overwrite" in cmd for cmd, _ in calls), calls
+
+
+def test_ablations_never_replace_rows(tmp_path):
+    rows = [{"run": "icl", "mode": "StdInfer"}]
+    (tmp_path / "ablations.json").write_text(json.dumps(rows))
+    result = CliRunner().invoke(_bench("ablations").main, ["icl=runs/icl", "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "already has rows for icl StdInfer" in result.output, result.output
+    assert "--overwrite" in result.output and json.loads((tmp_path / "ablations.json").read_text()) == rows
+
+
+def test_gpu_full_graph_check_never_replaces_its_report(tmp_path):
+    (tmp_path / "gpu_full_graph_check.json").write_bytes(OLD)
+    result = CliRunner().invoke(_bench("gpu_full_graph_check").cli, ["-o", str(tmp_path)])
+    _refused(result, tmp_path / "gpu_full_graph_check.json", "--overwrite")
+    assert (tmp_path / "gpu_full_graph_check.json").read_bytes() == OLD

@@ -99,7 +99,7 @@ def resolve(words: list[str]) -> tuple[click.Command, list[str]] | None:
 
 def _all_commands():
     for page in PAGES:
-        for lineno, run, text in bash_blocks(page):
+        for lineno, _, text in bash_blocks(page):
             for words in commands(text):
                 yield pytest.param(words, id=f"{page.relative_to(ROOT)}:{lineno}:{' '.join(words)[:60]}")
 
