@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import describe, machine  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     command,
+    fail,
     limit_option,
     option,
     out_option,
@@ -40,9 +41,13 @@ from cfr_runtime.cli_options import (  # noqa: E402
 
 
 def sh(*cmd: str, threads: int) -> None:
+    """Run one step; a failed step ends the job with the project's error format (its own message is above)."""
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    done = subprocess.run(cmd, cwd=ROOT, env=env)
+    if done.returncode != 0:
+        fail("main_job.py", f"the step `{' '.join(cmd[:2])} ...` exited with status {done.returncode}; see its "
+                            "message above")
 
 
 @command("main_job.py")

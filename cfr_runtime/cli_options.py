@@ -29,7 +29,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -44,7 +44,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 F = Callable[..., Any]
 
 
-def fail(prog: str, message: str, code: int = 2) -> None:
+def fail(prog: str, message: str, code: int = 2) -> NoReturn:
     """Print `<prog>: error: <message>` on stderr and exit (the one error format of every tool)."""
     click.echo(f"{prog}: error: {message}", err=True)
     sys.exit(code)
