@@ -182,6 +182,26 @@ def merge_alias(value, alias, name: str):
 
 # ---- the shared options --------------------------------------------------------------------------------
 
+class Positive(click.ParamType):
+    """A positive int or float (a size, a count, a time limit): the message says "positive", not a range."""
+
+    def __init__(self, kind: type = int):
+        self.kind = kind
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = self.kind(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a {self.name}", param, ctx)
+        if not number > 0:  # NaN included
+            self.fail(f"must be positive, got {value}", param, ctx)
+        return number
+
+
+POSITIVE_INT, POSITIVE_FLOAT = Positive(int), Positive(float)
+
+
 class ModeType(click.ParamType):
     """One mode name (cfr_runtime.modes), or with `many=True` a comma-separated list; `choices` restricts it."""
 

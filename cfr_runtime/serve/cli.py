@@ -13,7 +13,17 @@ from pathlib import Path
 
 import click
 
-from ..cli_options import backend_option, command, fail, log_level_option, model_argument, option, threads_option
+from ..cli_options import (
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    backend_option,
+    command,
+    fail,
+    log_level_option,
+    model_argument,
+    option,
+    threads_option,
+)
 
 PROG = "cfr-serve"
 
@@ -51,17 +61,17 @@ def listen(host: str, port: int) -> socket.socket:
 @option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port to listen on.")
 @backend_option()
 @threads_option()
-@option("--idle-timeout", type=click.FloatRange(0, min_open=True), default=900.0, show_default=True,
+@option("--idle-timeout", type=POSITIVE_FLOAT, default=900.0, show_default=True,
         help="Seconds before an idle session expires.")
-@option("--max-sessions", type=click.IntRange(min=1), default=64, show_default=True,
+@option("--max-sessions", type=POSITIVE_INT, default=64, show_default=True,
         help="LRU cap on live sessions.")
-@option("--max-memory-mb", type=click.FloatRange(0, min_open=True), default=2048.0, show_default=True,
+@option("--max-memory-mb", type=POSITIVE_FLOAT, default=2048.0, show_default=True,
         help="LRU cap on the memory all sessions hold (images, maps, undo history).")
-@option("--max-upload-mb", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True,
+@option("--max-upload-mb", type=POSITIVE_FLOAT, default=20.0, show_default=True,
         help="Largest upload body.")
-@option("--max-pixels", type=click.IntRange(min=1), default=40_000_000, show_default=True,
+@option("--max-pixels", type=POSITIVE_INT, default=40_000_000, show_default=True,
         help="Largest image (W x H), checked on the header before decoding.")
-@option("--max-concurrent", type=click.IntRange(min=1), default=2, show_default=True,
+@option("--max-concurrent", type=POSITIVE_INT, default=2, show_default=True,
         help="Forwards run at once; further clicks queue (about the number of cores).")
 @log_level_option()
 def main(model: Path | None, host: str, port: int, backend: str, threads: int | None, idle_timeout: float,
