@@ -177,6 +177,49 @@ class LabelStudio:
         return r.json() if r.content else {}
 
 
+class CfrServe:
+    """`cfr-serve MODEL` as a subprocess on 127.0.0.1, told where Label Studio is (LABEL_STUDIO_URL, the token)."""
+
+    def __init__(self, model: str, ls_url: str, timeout_s: float = 120):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=TOKEN)
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "cfr_runtime.serve", model, "--port", str(self.port)],
+                                     cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/labelstudio/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"cfr-serve did not start: {self.proc.stderr.read()[-2000:]}")
+            time.sleep(0.2)
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+
+    def __enter__(self) -> CfrServe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 if __name__ == "__main__":  # python3 -m tests.ls_util prepare
     if sys.argv[1:] != ["prepare"]:
         sys.exit("usage: python3 -m tests.ls_util prepare")

@@ -452,3 +452,16 @@ def test_schema_variants():
     two = CONFIG.replace("<View>", '<View><Image name="other" value="$other"/>'
                                    '<BrushLabels name="m2" toName="other"><Label value="X"/></BrushLabels>')
     assert parse_schema(two).brush == "mask"
+
+
+def test_brush_codec_loads_without_the_converter_package():
+    """Label Studio gives /setup 3 s; importing label_studio_converter's package pulls in pandas and nltk
+    (seconds on a cold, busy machine), so the codec must be loaded from brush.py alone."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cfr_runtime.serve.labelstudio import brush_module; m = brush_module(); "
+            "heavy = sorted({'pandas', 'nltk', 'lxml'} & set(sys.modules)); print(m.__file__, heavy); "
+            "sys.exit(1 if heavy or not hasattr(m, 'mask2rle') else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import DATA, need
-from tests.serve_util import ServerThread
 
 pytest.importorskip("fastapi", reason="fastapi is not installed (pip install -e '.[serve]')")
 pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[dev]')")
@@ -30,7 +29,6 @@ from cfr_runtime import Engine, Session, default_model  # noqa: E402
 from cfr_runtime.clicker import Clicker  # noqa: E402
 from cfr_runtime.datasets import open_dataset  # noqa: E402
 from cfr_runtime.errors import CfrError  # noqa: E402
-from cfr_runtime.serve import ServeConfig, SessionStore, create_app  # noqa: E402
 from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
 from cfr_runtime.serve.labelstudio import brush_module, brush_rle_to_mask  # noqa: E402
 from tests import ls_util  # noqa: E402
@@ -86,17 +84,13 @@ def fresh_mask(engine, rgb, clicks) -> np.ndarray:
     return s.mask
 
 
-def test_interactive_brush_through_label_studio(label_studio_exe, grabcut, monkeypatch):
+def test_interactive_brush_through_label_studio(label_studio_exe, grabcut):
     path, data, gt = grabcut
     rgb = decode_upload(data, UploadLimits())  # how cfr-serve decodes what it fetches from Label Studio
     h, w = rgb.shape[:2]
     engine = Engine(default_model())
-    port = ls_util.free_port()
-    monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", ls_util.TOKEN)
-    store = SessionStore(engine)
-    app = create_app(engine, ServeConfig(sweep_interval_s=3600), store)
-    with ServerThread(app) as cfr, ls_util.LabelStudio(label_studio_exe, port) as ls:
+    # cfr-serve as a user runs it: its own process, told where Label Studio is by LABEL_STUDIO_URL/_API_KEY
+    with ls_util.LabelStudio(label_studio_exe) as ls, ls_util.CfrServe(default_model(), ls.url) as cfr:
         project = ls.api("POST", "/api/projects/", {"title": "cfr-icl e2e", "label_config": CONFIG})
         imported = ls.api("POST", f"/api/projects/{project['id']}/import",
                           files={"file": (path.name, data, "image/jpeg")})
@@ -141,12 +135,12 @@ def test_interactive_brush_through_label_studio(label_studio_exe, grabcut, monke
         kept = clicks[:1] + clicks[2:]
         mask, pred = ask([keypoint(i, *c, (w, h)) for i, c in enumerate(clicks) if i != 1])
         assert np.array_equal(mask, fresh_mask(engine, rgb, kept))
-        assert len(store) == 1  # the image was fetched from Label Studio once for all of these
+        assert cfr.health()["sessions"] == 1  # the image was fetched from Label Studio once for all of these
 
         # submitting the annotation fires Label Studio's webhook; cfr-serve frees the task's session
         final = ls.api("POST", f"/api/tasks/{task['id']}/annotations/", {"result": pred["result"]})
         assert final["id"]
         deadline = time.monotonic() + 20
-        while len(store) and time.monotonic() < deadline:
+        while cfr.health()["sessions"] and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len(store) == 0, "Label Studio's ANNOTATION_CREATED webhook did not reach cfr-serve"
+        assert cfr.health()["sessions"] == 0, "Label Studio's ANNOTATION_CREATED webhook did not reach cfr-serve"

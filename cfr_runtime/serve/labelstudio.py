@@ -24,12 +24,14 @@ webhook saying the task was annotated or deleted) therefore only costs time, nev
 
 Why the brush encoder comes from Label Studio's package (label_studio_sdk.converter.brush, or the same code
 as label_studio_converter.brush): the page decodes what that encoder writes, so our masks are in exactly
-Label Studio's format; it is imported on first use (the optional extra `cfr-icl[labelstudio]`).
+Label Studio's format. It is an optional extra (`cfr-icl[labelstudio]`), loaded on first use (`brush_module`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import math
 import secrets
@@ -37,6 +39,8 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -185,18 +189,35 @@ def replay(session: Session, clicks: list[Click]) -> int:
 
 
 # ---- masks in Label Studio's brush RLE ------------------------------------------------------------------
-def brush_module():
-    """Label Studio's own brush RLE codec (imported on first use: it pulls in the converter's dependencies)."""
-    try:
-        from label_studio_sdk.converter import brush
-    except ImportError:
+@functools.lru_cache(maxsize=1)
+def brush_module() -> ModuleType:
+    """Label Studio's own brush RLE codec: `brush.py` of label-studio-sdk (label_studio_sdk/converter/) or of
+    label-studio-converter, loaded from its file.
+
+    Loaded by itself rather than imported through its package because the packages' __init__ imports the
+    whole converter (pandas, nltk, lxml: seconds and tens of MB), while brush.py needs only numpy and PIL; and
+    Label Studio gives an ML backend's /setup 3 seconds. Falls back to the ordinary import should a later
+    brush.py need its package.
+    """
+    for package, rel in (("label_studio_sdk", "converter/brush.py"), ("label_studio_converter", "brush.py")):
         try:
-            from label_studio_converter import brush
+            spec = importlib.util.find_spec(package)  # finds the package without running its __init__
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / rel
+        if not path.is_file():
+            continue
+        file_spec = importlib.util.spec_from_file_location("_cfr_labelstudio_brush", path)
+        module = importlib.util.module_from_spec(file_spec)
+        try:
+            file_spec.loader.exec_module(module)
         except ImportError:
-            raise http_error(InputError, 501, "answering Label Studio needs its brush RLE encoder: "
-                                              "pip install 'cfr-icl[labelstudio]' (label-studio-converter) "
-                                              "or label-studio-sdk") from None
-    return brush
+            module = importlib.import_module(package + "." + rel[:-3].replace("/", "."))
+        return module
+    raise http_error(InputError, 501, "answering Label Studio needs its brush RLE encoder: "
+                                      "pip install 'cfr-icl[labelstudio]' (label-studio-converter) or label-studio-sdk")
 
 
 def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
@@ -329,7 +350,7 @@ def add_labelstudio_routes(app: FastAPI, store: SessionStore, config, slots,
         # hostname/access_token in the body are ignored on purpose: images come from LABEL_STUDIO_URL only
         if data.get("schema"):
             parse_schema(data["schema"])  # an unusable labeling config fails here, where Label Studio shows it
-        await run_in_threadpool(brush_module)
+        brush_module()  # a missing codec fails here, where Label Studio shows it, not on the first click
         return {"model_version": model_version(engine, mode)}
 
     async def predict(request: Request, mode: str = "StdInfer"):
