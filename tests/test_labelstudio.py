@@ -341,8 +341,20 @@ def test_redirects(engine, fake, monkeypatch):
             assert client.post("/labelstudio/predict",
                                json=predict_body(1, "/data/upload/1/moved.png", kp)).status_code == 200
             r = client.post("/labelstudio/predict", json=predict_body(2, "/data/upload/1/away.png", kp))
-            assert_error(r, 400, "fetches images only from")
+            assert_error(r, 502, "pre-signed URLs")  # how cloud storage with pre-signed URLs answers
         assert other.hits == []  # the token never left for the other origin
+
+
+def test_cloud_storage_uri_goes_through_label_studio(engine, fake, scenes, monkeypatch):
+    """s3:// (gs://, azure-blob://) task data is fetched from Label Studio's proxy for the task, as the SDK does."""
+    uri = "s3://bucket/images/a.png"
+    proxied = f"/tasks/5/presign/?fileuri={base64.urlsafe_b64encode(uri.encode()).decode()}"
+    fake.files[proxied] = scenes["/data/upload/1/a.png"]
+    client, _ = make_client(engine, monkeypatch, fake.url)
+    with client:
+        kp = [pixel_keypoint(80, 60, True, (163, 121))]
+        assert client.post("/labelstudio/predict", json=predict_body(5, uri, kp)).status_code == 200
+    assert fake.fetches(proxied) == 1
 
 
 def test_fetch_failures(engine, fake, monkeypatch):

@@ -283,7 +283,7 @@ def add_labelstudio_routes(app: FastAPI, store: SessionStore, config, slots,
         if not isinstance(data, dict) or schema.data_key not in data:
             raise http_error(InputError, 400, f"task {task_id} has no data field {schema.data_key!r} "
                                               f"(the <Image name={schema.image!r}> reads ${schema.data_key})")
-        url = fetcher.resolve(data[schema.data_key])
+        url = fetcher.resolve(data[schema.data_key], task_id)
         key = f"labelstudio|{task_id}|{url}|{mode}"
         entry = store.by_key(key)
         if entry is not None:
@@ -294,7 +294,7 @@ def add_labelstudio_routes(app: FastAPI, store: SessionStore, config, slots,
             with lock:  # a second request for the same new task waits for the first fetch instead of repeating it
                 entry = store.by_key(key)
                 if entry is None:
-                    rgb = fetcher.load(url)[1]
+                    rgb = fetcher.load(url)
                     entry = store.create(rgb, mode, key)
                     tasks.add(task_id, key)
         finally:

@@ -35,6 +35,7 @@ from .codec import UploadLimits, decode_upload, http_error
 ENV_URL = "LABEL_STUDIO_URL"
 ENV_KEY = "LABEL_STUDIO_API_KEY"
 MAX_REDIRECTS = 3
+CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -101,14 +102,19 @@ class ImageFetcher:
         self._lock = threading.Lock()
 
     # ---- URLs -------------------------------------------------------------------------------------------
-    def resolve(self, url: object) -> str:
-        """The absolute URL of `url` on the configured Label Studio, or an InputError saying why not."""
+    def resolve(self, url: object, task_id: int | None = None) -> str:
+        """The absolute URL of `url` on the configured Label Studio, or an InputError saying why not.
+
+        A cloud-storage URI (s3://, gs://, azure-blob://) becomes Label Studio's own file proxy for the task,
+        `/tasks/<id>/presign/?fileuri=<base64>`, as Label Studio's SDK resolves it."""
         if not self.config.url:
             raise http_error(InputError, 503, f"cfr-serve does not know where Label Studio is: start it with "
                                               f"{ENV_URL}=http://<label-studio-host>:<port> and {ENV_KEY}=<token>")
         if not isinstance(url, str) or not url.strip():
             raise http_error(InputError, 400, f"the task's image is not a URL string (got {url!r})")
         url = url.strip()
+        if url.startswith(CLOUD_SCHEMES) and task_id is not None:
+            url = f"/tasks/{task_id}/presign/?fileuri={base64.urlsafe_b64encode(url.encode()).decode()}"
         base = self.config.url.rstrip("/") + "/"
         absolute = urllib.parse.urljoin(base, url)  # "/data/..." -> on Label Studio; "//host/..." keeps its host
         if origin_of(absolute) != origin_of(base):
@@ -162,7 +168,14 @@ class ImageFetcher:
             except urllib.error.HTTPError as exc:
                 with exc:
                     if exc.code in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
-                        url = self.resolve(urllib.parse.urljoin(url, exc.headers["Location"]))
+                        target = urllib.parse.urljoin(url, exc.headers["Location"])
+                        if origin_of(target) != origin_of(url):
+                            raise http_error(InputError, 502, f"Label Studio redirected {_short(url)} to another "
+                                                              f"origin ({_origin_str(target)}); cfr-serve fetches "
+                                                              f"only from {ENV_URL}. For cloud storage, turn off "
+                                                              "'Use pre-signed URLs' in the storage's settings so "
+                                                              "Label Studio serves the file itself") from None
+                        url = target
                         continue
                     if exc.code == 401 and not retried and _jwt_claims(self.config.api_key or "") is not None:
                         retried = True  # the access token may have expired early: exchange once more
@@ -193,10 +206,9 @@ class ImageFetcher:
             return http_error(InputError, 502, f"Label Studio answered {code} for {_short(url)}: {why}")
         return http_error(InputError, 502, f"Label Studio answered {code} for {_short(url)}")
 
-    def load(self, url: object) -> tuple[str, np.ndarray]:
-        """(absolute URL, decoded RGB image) of a task's image; every refusal is an InputError."""
-        absolute = self.resolve(url)
-        return absolute, decode_upload(self.fetch(absolute), self.limits)
+    def load(self, absolute: str) -> np.ndarray:
+        """The decoded RGB image at a `resolve`d URL; every refusal is an InputError."""
+        return decode_upload(self.fetch(absolute), self.limits)
 
 
 def _short(url: str, n: int = 120) -> str:
