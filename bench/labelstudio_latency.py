@@ -173,6 +173,7 @@ def run(args) -> dict:
         "brush_rle_encode_ms": stats(encode_ms),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.platform()}",
         "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "niceness": os.nice(0),  # the bench and the servers it starts (they inherit it)
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
@@ -186,7 +187,7 @@ def fmt(s: dict, key: str) -> str:
 def markdown(r: dict) -> str:
     lines = [f"# Per-click time: through Label Studio {r['label_studio']} vs direct cfr-serve", "",
              f"{r['engine']}; {r['machine']}; load average {r['loadavg_before']} before, {r['loadavg_after']} after; "
-             f"{r['date']}", "", f"`{r['command']}`", "",
+             f"niceness {r.get('niceness', 0)}; {r['date']}", "", f"`{r['command']}`", "",
              f"{len(r['images'])} GrabCut images x {r['clicks_per_image']} clicks; wrong masks: {r['wrong_masks']}. "
              "p99 only from >= 100 samples ('-' otherwise).", "",
              "| path | clicks | p50 | p90 | p99 | mean | first click p50 (incl. image fetch) |",
