@@ -428,6 +428,8 @@ def test_request_errors(api):
     assert_error(client.post("/labelstudio/predict", content=b"{", headers={"Content-Type": "application/json"}),
                  400, "not JSON")
     assert_error(client.post("/labelstudio/predict", json=[1]), 400, "JSON object")
+    assert_error(client.post("/labelstudio/predict", content=b"{}", headers={"Content-Type": "text/plain"}), 415,
+                 "application/json")
     body = predict_body(1, path, [kp])
     body["tasks"].append(body["tasks"][0])
     assert_error(client.post("/labelstudio/predict", json=body), 400, "one task")

@@ -266,6 +266,9 @@ def add_labelstudio_routes(app: FastAPI, store: SessionStore, config, slots,
     body_limit = config.upload.max_bytes  # JSON with the task (and its earlier predictions' RLE)
 
     async def read_json(request: Request) -> dict:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise http_error(InputError, 415, f"send JSON with Content-Type: application/json, not {ctype or 'none'}")
         raw = await read_body(request, body_limit)
         try:
             data = await run_in_threadpool(json.loads, raw or b"null")
