@@ -250,4 +250,8 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
     from .cvat import add_cvat_routes
 
     add_cvat_routes(app, store, config, slots)
+    # -- Label Studio ML backend (issue 17): routes under /labelstudio, see labelstudio.py --
+    from .labelstudio import add_labelstudio_routes
+
+    add_labelstudio_routes(app, store, config, slots)
     return app
