@@ -225,7 +225,7 @@ def model_cost(old_model: Path, repeats: int) -> dict:
     from cfr_runtime.backends.ort import read_contract
     from cfr_runtime.contract import Contract
 
-    new_path = cfr_runtime.default_model()
+    new_path = Path(cfr_runtime.default_model())
     new = ort.InferenceSession(str(new_path), providers=["CPUExecutionProvider"])
     old = ort.InferenceSession(str(old_model), providers=["CPUExecutionProvider"])
     contract = read_contract(new, str(new_path))
