@@ -103,19 +103,14 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
         help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
 @option("--opt-image", type=str, default=None, metavar="HxW",
         help="full graph: the image size TensorRT tunes for (default 1024x1024).")
-@option("--exact-flip", is_flag=True,
-        help="full graph: flipped clicks exactly as the official float64 code rounds them (the default "
-             "reproduces the square graph's float32 flip, 1 ulp off in about a third of clicks).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: bool, size: int | None,
          max_points: int, flip: bool, fp16: bool, int8: bool, verify_seed: int | None, graph: str,
-         max_image: str | None, opt_image: str | None, exact_flip: bool) -> None:
+         max_image: str | None, opt_image: str | None) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
     if not overwrite:
         refuse_existing(_targets(out_dir, graph, fp16, int8, engine),
                         "pass --overwrite to replace it (a rejected export still keeps it), or choose another -o")
-    if exact_flip:
-        limits["exact_flip"] = True
     try:
         aoti_device = _preflight(engine, device)
         from .verify import export_verified

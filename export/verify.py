@@ -110,7 +110,7 @@ def export_verified(checkpoint: str | Path, out_dir: str | Path, size: int | Non
 
     A rejected graph is deleted and an existing model file is left untouched. `reference` is the fp32
     graph the fp16 export is checked against (the fp32 export's graph); `graph_options` (graph, max_image,
-    opt_image, exact_flip) choose the square or full-resolution contract."""
+    opt_image) choose the square or full-resolution contract."""
     from .onnx_export import export_onnx, model_file_name
 
     staged, contract, graph = export_onnx(checkpoint, out_dir, size, max_points, flip, fp16=fp16, final_name="",

@@ -181,8 +181,8 @@ def test_hostile_metadata(tmp_path, tiny_onnx, key, value):
 class _BadRunner:
     def __init__(self, contract, value):
         bufs = alloc_buffers(contract)
-        self.image, self.prev_mask, self.points, self._probs = (bufs[k] for k in ("image", "prev_mask", "points",
-                                                                                  "probs"))
+        self.image, self.prev_mask, self.disk_rows, self._probs = (bufs[k] for k in ("image", "prev_mask",
+                                                                                     "disk_rows", "probs"))
         self._probs.fill(value)
         self.image_dirty = True
 
