@@ -87,3 +87,13 @@ def test_paste_axis_is_zero_outside_the_box():
     assert not pasted[:10].any() and not pasted[30:].any()
     assert not index[:, :10].any() and not index[:, 30:].any()
     assert np.abs(pasted[10:30] - reference(v[:, None], 0, size, 0, 1, 20, 1)[:, 0]).max() < 1e-6
+
+
+def test_one_resampler_on_maps_of_different_widths():
+    """Scratch buffers are kept per source shape: the same window resampled from two maps of different widths
+    (and a 3-channel one) gives each its own result."""
+    rng = np.random.default_rng(9)
+    rs = Resampler(2, 10, 3, 12, 7, 5)
+    for src in (rng.random((20, 30), dtype=np.float32), rng.random((20, 41), dtype=np.float32),
+                rng.random((20, 30, 3), dtype=np.float32), rng.random((20, 30), dtype=np.float32)):
+        assert np.abs(rs(src) - reference(src, 2, 10, 3, 12, 7, 5)).max() < 1e-6
