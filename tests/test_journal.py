@@ -87,6 +87,7 @@ def test_resume_evaluates_only_the_unfinished_instances(run, monkeypatch):
     assert resumed.exit_code == 0, resumed.output
     assert "resuming: 2 instances already done" in resumed.output
     assert spy.ids == ["2", "3"], f"the resumed run evaluated {spy.ids}"
+    assert "| 0/2 [" in resumed.output  # the progress bar counts what is left
     assert _journal_ids(run.journal) == ["0", "1", "2", "3"]
     assert [i["id"] for i in json.loads(run.out.read_text())["instances"]] == ["0", "1", "2", "3"]
     spy = _Spy(monkeypatch)
@@ -130,6 +131,27 @@ def test_torn_last_line_does_not_swallow_the_next_instance(run, monkeypatch):
     assert third.exit_code == 0 and "resuming: 3 instances already done" in third.output, third.output
     assert spy.ids == ["3"], f"the third run evaluated {spy.ids}: instance 2 was lost with the torn line"
     assert [i["id"] for i in json.loads(run.out.read_text())["instances"]] == ["0", "1", "2", "3"]
+
+
+def test_journal_header_records_every_setting(tiny_onnx, tmp_path):
+    """The header is what --resume compares: the model's hash, the dataset's absolute path and every option
+    that changes results, with their values as this run used them."""
+    import hashlib
+
+    data = _dataset(tmp_path / "ds", 1)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(eval_main, [
+        str(tiny_onnx), "--dataset", str(data), "--max-clicks", "2", "--json", str(out), "--cfr", "2", "--acfr",
+        "--acfr-threshold", "7", "--cfr-clicks", "all", "--no-zoom", "--target-iou", "0.9",
+        "--mask-encoding", "anynonzero"])
+    assert result.exit_code == 0, result.output
+    header = json.loads(out.with_suffix(".jsonl").read_text().split("\n")[0])
+    assert header == {"cfr_eval_journal": 1, "model_sha256": hashlib.sha256(tiny_onnx.read_bytes()).hexdigest(),
+                      "dataset": str(data.resolve()), "mask_encoding": "anynonzero", "mode": "A-CFR-2",
+                      "acfr_threshold": 7, "cfr_clicks": None, "zoom_in": False, "max_clicks": 2, "target_iou": 0.9}
+    summary = json.loads(out.read_text())
+    assert summary["mode"] == "A-CFR-2" and summary["cfr_clicks"] == "all" and summary["zoom_in"] is False
+    assert summary["instances"][0]["forwards"][1] > 1  # --cfr-clicks all reached the second click
 
 
 # ---- the file format, without a model -------------------------------------------------------------------
