@@ -27,7 +27,7 @@ def reference(src: np.ndarray, r0: int, h: int, c0: int, w: int, oh: int, ow: in
 
 
 CASES = [(0, 37, 0, 53, 64, 64), (5, 20, 7, 30, 17, 90), (0, 1, 0, 53, 4, 9), (3, 30, 2, 1, 5, 6),
-         (0, 37, 0, 53, 1, 1), (10, 27, 40, 13, 27, 13), (1, 2, 1, 2, 7, 3)]
+         (0, 37, 0, 53, 1, 1), (10, 27, 40, 13, 27, 13), (1, 2, 1, 2, 7, 3), (4, 9, 6, 2, 2, 2)]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -54,6 +54,8 @@ def test_axis_tables():
     assert a.w0.dtype == a.w1.dtype == np.float32
     one = Axis(4, 1, offset=3)
     assert one.i0.tolist() == [3] and one.i1.tolist() == [4] and one.w1.tolist() == [0.0] and one.w0.tolist() == [1.0]
+    two = Axis(9, 2, offset=1)  # two samples: the window's first and last row
+    assert two.i0.tolist() == [1, 9] and two.i1.tolist() == [2, 9] and two.w1.tolist() == [0.0, 0.0]
     single = Axis(1, 3)
     assert single.i0.tolist() == single.i1.tolist() == [0, 0, 0] and single.w0.tolist() == [1.0, 1.0, 1.0]
 
