@@ -102,6 +102,15 @@ def _cwd(path: Path):
         os.chdir(old)
 
 
+def _commit() -> str:
+    """The repository's commit, with '+dirty' when tracked files differ from it (the copy tested them)."""
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return commit + ("+dirty" if dirty else "")
+
+
 def _children_cpu() -> float:
     """User + system CPU seconds of every finished descendant (mutmut, its fork server, each mutant's run)."""
     import resource
@@ -156,20 +165,24 @@ def collect(name: str, spec: dict, here: Path) -> dict:
 def markdown(report: dict) -> str:
     m = report["meta"]
     cpu = sum(r.get("cpu_seconds", 0) for r in report["modules"])
+    wall = sum(r.get("seconds", 0) for r in report["modules"])
     out = [f"# Mutation testing: {', '.join(r['module'] for r in report['modules'])}", "",
-           f"Command: `{m['command']}`  ", f"Commit {m['commit']}, mutmut {m['mutmut']}, {m['machine']}, "
-           f"{m['max_children']} mutants at once; load average {m['load_before']} before, {m['load_after']} after; "
-           f"{m['seconds'] / 60:.1f} min wall, {cpu / 60:.1f} CPU min in all.", "",
+           f"Report command: `{m['command']}` at commit {m['commit']}; each module's own run command, commit and "
+           "times are in the JSON (`modules[].command`).  ",
+           f"mutmut {m['mutmut']}, {m['machine']}, {m['max_children']} mutants at once; load average "
+           f"{m['load_before']} before the report, each module's after its run in the JSON; {wall / 60:.1f} min wall, "
+           f"{cpu / 60:.1f} CPU min over the modules' runs.", "",
            f"Score = (killed + timed out) / (mutants - equivalent); target {m['target']:.0%} per module.", "",
            "Minutes: wall time under the load above; CPU minutes: what the module's run used (on an idle 2-core "
            "machine with 2 mutants at once, about half that in wall time).", "",
-           "| module | mutants | killed | timeout | survived | no tests | equivalent | score | minutes | CPU min |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| module | mutants | killed | timeout | survived | no tests | equivalent | score | minutes | CPU min | "
+           "commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["modules"]:
         c = r["counts"]
         out.append(f"| {r['source']} | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
                    f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('equivalent', 0)} | "
-                   f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} |")
+                   f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
+                   f"{r.get('commit', '?')} |")
     for r in report["modules"]:
         if r["survivors"]:
             out += ["", f"## Survivors in {r['source']}", ""]
@@ -221,21 +234,21 @@ def main(argv: list[str] | None = None) -> int:
             cpu = _children_cpu() - cpu0
             if proc.returncode != 0:
                 print(f"[{name}] mutmut exited {proc.returncode}; see {here / 'mutmut.log'}", file=sys.stderr)
-        result = collect(name, spec, here)
         if not args.report_only:  # CPU seconds: what the module costs on an idle machine, whatever the load
-            result["seconds"], result["cpu_seconds"] = time.time() - t0, cpu
+            (here / "run.json").write_text(json.dumps({
+                "seconds": time.time() - t0, "cpu_seconds": cpu, "commit": _commit(), "max_children": children,
+                "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                "command": " ".join(["python", "bench/mutation.py", *(argv if argv is not None else sys.argv[1:])])}))
+        result = collect(name, spec, here)
+        result.update(json.loads((here / "run.json").read_text()) if (here / "run.json").is_file() else {})
         c = result["counts"]
         print(f"[{name}] {result['mutants']} mutants: {c}; score {result['score']:.1%}", flush=True)
         results.append(result)
 
     import mutmut
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
     report = {"meta": {"command": " ".join(["python", "bench/mutation.py", *(argv or sys.argv[1:])]),
-                       "commit": commit + ("+dirty" if dirty else ""), "mutmut": mutmut.__version__,
+                       "commit": _commit(), "mutmut": mutmut.__version__,
                        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                   f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
                        "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
