@@ -57,7 +57,7 @@ class _Spy:
 @pytest.fixture
 def run(tiny_onnx, tmp_path):
     data = _dataset(tmp_path / "ds")
-    out = tmp_path / "r" / "r.json"
+    out = tmp_path / "runs" / "r" / "r.json"  # two folders that do not exist yet
 
     def invoke(*extra, model=tiny_onnx):
         return CliRunner().invoke(eval_main, [str(model), "--dataset", str(data), "--max-clicks", "2",
@@ -87,7 +87,7 @@ def test_resume_evaluates_only_the_unfinished_instances(run, monkeypatch):
     assert resumed.exit_code == 0, resumed.output
     assert "resuming: 2 instances already done" in resumed.output
     assert spy.ids == ["2", "3"], f"the resumed run evaluated {spy.ids}"
-    assert "| 0/2 [" in resumed.output  # the progress bar counts what is left
+    assert "ds:   0%|" in resumed.output and "| 0/2 [" in resumed.output  # the bar counts what is left
     assert _journal_ids(run.journal) == ["0", "1", "2", "3"]
     assert [i["id"] for i in json.loads(run.out.read_text())["instances"]] == ["0", "1", "2", "3"]
     spy = _Spy(monkeypatch)
@@ -133,12 +133,43 @@ def test_torn_last_line_does_not_swallow_the_next_instance(run, monkeypatch):
     assert [i["id"] for i in json.loads(run.out.read_text())["instances"]] == ["0", "1", "2", "3"]
 
 
+def test_nothing_finished_nothing_announced(run, monkeypatch):
+    _Spy(monkeypatch, interrupt_at="0")
+    result = run()
+    assert result.exit_code == 130 and "cfr-eval: interrupted" in result.output, result.output
+    assert "finished instances are saved" not in result.output and _journal_ids(run.journal) == []
+
+
+def test_journal_that_cannot_be_written_is_a_clean_error(tiny_onnx, tmp_path):
+    data = _dataset(tmp_path / "ds", 1)
+    (tmp_path / "file").write_text("x")
+    args = [str(tiny_onnx), "--dataset", str(data), "--max-clicks", "1", "--json"]
+    under_file = CliRunner().invoke(eval_main, [*args, str(tmp_path / "file" / "r.json")])
+    assert under_file.exit_code == 2 and "cannot create its folder" in under_file.output, under_file.output
+    (tmp_path / "out" / "r.jsonl").mkdir(parents=True)  # the journal's name is taken by a folder
+    taken = CliRunner().invoke(eval_main, [*args, str(tmp_path / "out" / "r.json")])
+    assert taken.exit_code == 2 and "cannot write next to it" in taken.output, taken.output
+
+
+def test_max_clicks_up_to_the_models_capacity(run, monkeypatch):
+    """24 clicks per sign is the tiny export's capacity: --max-clicks 24 runs, 25 is refused up front."""
+    spy = _Spy(monkeypatch, interrupt_at="0")  # stop at the first instance: only the check matters here
+    accepted = run("--max-clicks", "24")
+    assert accepted.exit_code == 130 and spy.ids == ["0"], accepted.output
+    refused = run("--max-clicks", "25")
+    assert refused.exit_code == 2 and "exceeds the model's click capacity (24 per sign)" in refused.output
+    assert spy.ids == ["0"]
+
+
 def test_journal_header_records_every_setting(tiny_onnx, tmp_path):
     """The header is what --resume compares: the model's hash, the dataset's absolute path and every option
     that changes results, with their values as this run used them."""
     import hashlib
 
     data = _dataset(tmp_path / "ds", 1)
+    mask = cv2.imread(str(data / "masks" / "0.png"), cv2.IMREAD_GRAYSCALE)
+    mask[:, :20] = 128  # 'anynonzero' reads it as object, the folder's guessed 'grabcut' as ignore
+    assert cv2.imwrite(str(data / "masks" / "0.png"), mask)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [
         str(tiny_onnx), "--dataset", str(data), "--max-clicks", "2", "--json", str(out), "--cfr", "2", "--acfr",
@@ -151,7 +182,16 @@ def test_journal_header_records_every_setting(tiny_onnx, tmp_path):
                       "acfr_threshold": 7, "cfr_clicks": None, "zoom_in": False, "max_clicks": 2, "target_iou": 0.9}
     summary = json.loads(out.read_text())
     assert summary["mode"] == "A-CFR-2" and summary["cfr_clicks"] == "all" and summary["zoom_in"] is False
-    assert summary["instances"][0]["forwards"][1] > 1  # --cfr-clicks all reached the second click
+    # the options reached the Session and the dataset reader: the same run restated with the API
+    from cfr_runtime import Engine, Session
+    from cfr_runtime.datasets import open_dataset
+
+    (inst,) = open_dataset(data, "anynonzero")
+    session = Session(Engine(tiny_onnx), cfr=2, adaptive=True, cfr_threshold=7, cfr_clicks=None, zoom_in=False)
+    want = EVALUATE_INSTANCE(session, *inst.load(), inst.id, max_clicks=2, target_iou=0.9)
+    got = summary["instances"][0]
+    assert got["clicks"] == want.clicks and got["forwards"] == want.forwards and got["ious"] == want.ious
+    assert len(want.forwards) == 2 and want.forwards[1] > 1  # --cfr-clicks all reached the second click
 
 
 # ---- the file format, without a model -------------------------------------------------------------------
@@ -175,6 +215,16 @@ def test_new_journal_is_the_header_then_one_line_per_instance(tmp_path):
     lines = path.read_text().split("\n")
     assert lines[-1] == "" and json.loads(lines[0]) == HEADER
     assert [InstanceResult.from_json(json.loads(x)) for x in lines[1:-1]] == [_result(0), _result(1)]
+
+
+def test_a_nan_never_reaches_the_journal(tmp_path):
+    """The journal is strict JSON, like the summary: a NaN IoU is refused before anything is written."""
+    path = tmp_path / "r.jsonl"
+    j = _Journal(path, HEADER, resume=False)
+    with pytest.raises(ValueError):
+        j.add(InstanceResult("0", [float("nan")]))
+    j.close()
+    assert path.read_text() == json.dumps(HEADER) + "\n" and j.count == 0
 
 
 def test_journal_is_readable_while_the_run_goes_on(tmp_path):
