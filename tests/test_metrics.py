@@ -29,6 +29,8 @@ def test_noc_threshold_is_inclusive_and_capped():
     assert noc([], 0.85, max_clicks=3) == 3
     assert reached([0.1, 0.85], 0.85) and not reached([0.1, 0.84], 0.85)
     assert not reached([0.1, 0.2, 0.9], 0.85, max_clicks=2) and reached([0.1, 0.9], 0.85, max_clicks=2)
+    assert not reached([0.5] * 20 + [0.9], 0.85) and reached([0.5] * 19 + [0.9], 0.85)  # default cap: 20
+    assert noc([0.5] * 20 + [0.9], 0.85) == 20
 
 
 def test_summary_counts_and_curve():
@@ -55,7 +57,11 @@ def test_summary_default_cap_and_thresholds():
 
 
 def test_summary_of_nothing():
-    s = summarize([], max_clicks=4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice": an empty run is NaN by decision
+        s = summarize([], max_clicks=4)
     assert s["instances"] == 0 and all(math.isnan(v) for v in s["noc"].values())
     assert s["over_max"] == {"0.85": 0, "0.9": 0, "0.95": 0} and s["miou_per_click"] == [0.0] * 4
     s = summarize([[]], max_clicks=2)  # an instance without clicks counts as IoU 0
