@@ -102,6 +102,18 @@ def _cwd(path: Path):
         os.chdir(old)
 
 
+def _mutmut(name: str, args: list[str], here: Path, env: dict, log_name: str) -> float:
+    """`mutmut run ARGS` in the module's scratch copy; returns the CPU seconds it used."""
+    cmd = ["mutmut", "run", *args]
+    print(f"[{name}] {' '.join(cmd)}  (in {here})", flush=True)
+    cpu0 = _children_cpu()
+    with (here / log_name).open("w") as log:
+        proc = subprocess.run(cmd, cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        print(f"[{name}] mutmut exited {proc.returncode}; see {here / log_name}", file=sys.stderr)
+    return _children_cpu() - cpu0
+
+
 def _commit() -> str:
     """The repository's commit, with '+dirty' when tracked files differ from it (the copy tested them)."""
     git = ["git", "-C", str(ROOT)]
@@ -183,6 +195,11 @@ def markdown(report: dict) -> str:
                    f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('equivalent', 0)} | "
                    f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
                    f"{r.get('commit', '?')} |")
+    reruns = [(r, x) for r in report["modules"] for x in r.get("reruns", [])]
+    if reruns:
+        out += ["", "## Reruns of survivors (`--survivors`, after tests were added for them)", ""]
+        out += [f"- {r['source']}: {len(x['mutants'])} mutants at commit {x['commit']}, "
+                f"{x['seconds'] / 60:.1f} min: `{x['command']}`" for r, x in reruns]
     for r in report["modules"]:
         if r["survivors"]:
             out += ["", f"## Survivors in {r['source']}", ""]
@@ -202,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="report folder (default: <workdir>/report; the "
                     "committed report is bench/results/mutation, written only when named)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the last run")
+    ap.add_argument("--survivors", action="store_true", help="rerun only the last run's surviving mutants, with the "
+                    "tests as they are now (after adding tests for them); the report notes the rerun")
     args = ap.parse_args(argv)
 
     config = tomllib.loads(CONFIG.read_text())
@@ -217,28 +236,34 @@ def main(argv: list[str] | None = None) -> int:
                PYTHONDONTWRITEBYTECODE="1")
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     start = time.time()
-    if not args.report_only:
+    if not (args.report_only or args.survivors):
         export_models({m for n in names for m in modules[n].get("models", [])}, workdir / "models")
     results = []
+    command = " ".join(["python", "bench/mutation.py", *(argv if argv is not None else sys.argv[1:])])
     for name in names:
         spec = modules[name]
         here = workdir / name
         t0 = time.time()
-        if not args.report_only:
+        if args.survivors:  # the last run's survivors again, against the tests as they are now
+            mutants = [s["mutant"] for s in collect(name, spec, here)["survivors"]]
+            if not mutants:
+                print(f"[{name}] no survivors to rerun", flush=True)
+            else:
+                shutil.rmtree(here / "tests")
+                shutil.copytree(ROOT / "tests", here / "tests",
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"))
+                cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-survivors.log")
+                record = json.loads((here / "run.json").read_text())
+                record.setdefault("reruns", []).append({"command": command, "commit": _commit(), "mutants": mutants,
+                                                        "seconds": time.time() - t0, "cpu_seconds": cpu})
+                (here / "run.json").write_text(json.dumps(record))
+        elif not args.report_only:
             here = prepare(name, spec, run, workdir)
-            cmd = ["mutmut", "run", "--max-children", str(children), *spec.get("functions", [])]
-            print(f"[{name}] {' '.join(cmd)}  (in {here})", flush=True)
-            cpu0 = _children_cpu()
-            with (here / "mutmut.log").open("w") as log:
-                proc = subprocess.run(cmd, cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT)
-            cpu = _children_cpu() - cpu0
-            if proc.returncode != 0:
-                print(f"[{name}] mutmut exited {proc.returncode}; see {here / 'mutmut.log'}", file=sys.stderr)
-        if not args.report_only:  # CPU seconds: what the module costs on an idle machine, whatever the load
+            cpu = _mutmut(name, ["--max-children", str(children), *spec.get("functions", [])], here, env, "mutmut.log")
+            # CPU seconds: what the module costs on an idle machine, whatever the load
             (here / "run.json").write_text(json.dumps({
                 "seconds": time.time() - t0, "cpu_seconds": cpu, "commit": _commit(), "max_children": children,
-                "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-                "command": " ".join(["python", "bench/mutation.py", *(argv if argv is not None else sys.argv[1:])])}))
+                "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()), "command": command}))
         result = collect(name, spec, here)
         result.update(json.loads((here / "run.json").read_text()) if (here / "run.json").is_file() else {})
         c = result["counts"]
