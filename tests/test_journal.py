@@ -80,7 +80,9 @@ def _journal_ids(path: Path) -> list[str]:
 def test_resume_evaluates_only_the_unfinished_instances(run, monkeypatch):
     spy = _Spy(monkeypatch, interrupt_at="2")
     first = run()
-    assert first.exit_code == 130 and "2 finished instances are saved" in first.output, first.output
+    assert first.exit_code == 130, first.output
+    assert (f"cfr-eval: 2 finished instances are saved in {run.journal}; rerun the same command with --resume to "
+            "continue") in first.stderr and "finished" not in first.stdout  # on stderr, where errors go
     assert spy.ids == ["0", "1", "2"] and _journal_ids(run.journal) == ["0", "1"]
     spy = _Spy(monkeypatch)
     resumed = run("--resume")
@@ -278,9 +280,17 @@ def test_resume_refuses_other_settings_naming_them(tmp_path, key, value):
     before = path.read_bytes()
     with pytest.raises(CfrError, match=rf"{key}: {HEADER[key]!r} then, {value!r} now") as info:
         _Journal(path, {**HEADER, key: value}, resume=True)
-    assert "without --resume" in str(info.value)
+    assert str(info.value).endswith("now); use the same options, or run without --resume to start over")
     assert sum(f"{k}: " in str(info.value) for k in HEADER) == 1  # only the setting that differs is named
     assert path.read_bytes() == before
+
+
+def test_resume_names_every_setting_that_differs(tmp_path):
+    path = tmp_path / "r.jsonl"
+    _Journal(path, HEADER, resume=False).close()
+    with pytest.raises(CfrError) as info:
+        _Journal(path, {**HEADER, "mode": "CFR-2", "max_clicks": 5}, resume=True)
+    assert "(max_clicks: 20 then, 5 now, mode: 'StdInfer' then, 'CFR-2' now);" in str(info.value)
 
 
 def test_resume_refuses_a_header_missing_a_setting(tmp_path):
