@@ -55,11 +55,11 @@ class _Spy:
 
 
 @pytest.fixture
-def run(tiny_onnx, tmp_path):
+def run(default_onnx, tmp_path):
     data = _dataset(tmp_path / "ds")
     out = tmp_path / "runs" / "r" / "r.json"  # two folders that do not exist yet
 
-    def invoke(*extra, model=tiny_onnx):
+    def invoke(*extra, model=default_onnx):
         return CliRunner().invoke(eval_main, [str(model), "--dataset", str(data), "--max-clicks", "2",
                                               "--json", str(out), *extra])
 
@@ -98,11 +98,11 @@ def test_resume_evaluates_only_the_unfinished_instances(run, monkeypatch):
     assert spy.ids == [] and _journal_ids(run.journal) == ["0", "1", "2", "3"]
 
 
-def test_resume_refuses_another_model(run, tiny_onnx, tmp_path, monkeypatch):
+def test_resume_refuses_another_model(run, default_onnx, tmp_path, monkeypatch):
     """The same function in another file (a changed doc string) is another model: its journal is refused."""
     import onnx
 
-    other = onnx.load(str(tiny_onnx))
+    other = onnx.load(str(default_onnx))
     other.doc_string = "re-exported"
     onnx.save(other, str(tmp_path / "other.onnx"))
     _Spy(monkeypatch, interrupt_at="2")
@@ -142,10 +142,10 @@ def test_nothing_finished_nothing_announced(run, monkeypatch):
     assert "finished instances are saved" not in result.output and _journal_ids(run.journal) == []
 
 
-def test_journal_that_cannot_be_written_is_a_clean_error(tiny_onnx, tmp_path):
+def test_journal_that_cannot_be_written_is_a_clean_error(default_onnx, tmp_path):
     data = _dataset(tmp_path / "ds", 1)
     (tmp_path / "file").write_text("x")
-    args = [str(tiny_onnx), "--dataset", str(data), "--max-clicks", "1", "--json"]
+    args = [str(default_onnx), "--dataset", str(data), "--max-clicks", "1", "--json"]
     under_file = CliRunner().invoke(eval_main, [*args, str(tmp_path / "file" / "r.json")])
     assert under_file.exit_code == 2 and "cannot create its folder" in under_file.output, under_file.output
     (tmp_path / "out" / "r.jsonl").mkdir(parents=True)  # the journal's name is taken by a folder
@@ -163,7 +163,7 @@ def test_max_clicks_up_to_the_models_capacity(run, monkeypatch):
     assert spy.ids == ["0"]
 
 
-def test_journal_header_records_every_setting(tiny_onnx, tmp_path):
+def test_journal_header_records_every_setting(default_onnx, tmp_path):
     """The header is what --resume compares: the model's hash, the dataset's absolute path and every option
     that changes results, with their values as this run used them."""
     import hashlib
@@ -174,12 +174,12 @@ def test_journal_header_records_every_setting(tiny_onnx, tmp_path):
     assert cv2.imwrite(str(data / "masks" / "0.png"), mask)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [
-        str(tiny_onnx), "--dataset", str(data), "--max-clicks", "2", "--json", str(out), "--cfr", "2", "--acfr",
+        str(default_onnx), "--dataset", str(data), "--max-clicks", "2", "--json", str(out), "--cfr", "2", "--acfr",
         "--acfr-threshold", "7", "--cfr-clicks", "all", "--no-zoom", "--target-iou", "0.9",
         "--mask-encoding", "anynonzero"])
     assert result.exit_code == 0, result.output
     header = json.loads(out.with_suffix(".jsonl").read_text().split("\n")[0])
-    assert header == {"cfr_eval_journal": 1, "model_sha256": hashlib.sha256(tiny_onnx.read_bytes()).hexdigest(),
+    assert header == {"cfr_eval_journal": 1, "model_sha256": hashlib.sha256(default_onnx.read_bytes()).hexdigest(),
                       "dataset": str(data.resolve()), "mask_encoding": "anynonzero", "mode": "A-CFR-2",
                       "acfr_threshold": 7, "cfr_clicks": None, "zoom_in": False, "max_clicks": 2, "target_iou": 0.9}
     summary = json.loads(out.read_text())
@@ -189,7 +189,7 @@ def test_journal_header_records_every_setting(tiny_onnx, tmp_path):
     from cfr_runtime.datasets import open_dataset
 
     (inst,) = open_dataset(data, "anynonzero")
-    session = Session(Engine(tiny_onnx), cfr=2, adaptive=True, cfr_threshold=7, cfr_clicks=None, zoom_in=False)
+    session = Session(Engine(default_onnx), cfr=2, adaptive=True, cfr_threshold=7, cfr_clicks=None, zoom_in=False)
     want = EVALUATE_INSTANCE(session, *inst.load(), inst.id, max_clicks=2, target_iou=0.9)
     got = summary["instances"][0]
     assert got["clicks"] == want.clicks and got["forwards"] == want.forwards and got["ious"] == want.ious
