@@ -86,10 +86,15 @@ def export_models(names: set[str], folder: Path) -> None:
 
     for name in sorted(names):
         out = folder / name
-        if not any(out.glob("*.onnx")):
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            export_test_model(name, out)
+        if not out.is_dir():  # exported beside, then renamed: a concurrent run never sees half an export
+            tmp = folder / f".{name}.{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            export_test_model(name, tmp)
+            try:
+                tmp.rename(out)
+            except OSError:  # another run finished the same export first
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

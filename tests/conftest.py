@@ -67,7 +67,7 @@ def export_test_model(name: str, out: Path) -> Path:
 def exported_model(name: str, tmp_path_factory) -> Path:
     cache = os.environ.get("CFR_TEST_MODELS")
     if cache:
-        found = sorted((Path(cache) / name).glob("*.onnx"))
+        found = sorted(p for p in (Path(cache) / name).glob("*.onnx") if not p.name.startswith("."))
         if len(found) != 1:
             pytest.fail(f"CFR_TEST_MODELS={cache} has no exported {name!r} model; bench/mutation.py exports them")
         return found[0]
