@@ -84,6 +84,7 @@ def test_resume_evaluates_only_the_unfinished_instances(run, monkeypatch):
     assert (f"cfr-eval: 2 finished instances are saved in {run.journal}; rerun the same command with --resume to "
             "continue") in first.stderr and "finished" not in first.stdout  # on stderr, where errors go
     assert spy.ids == ["0", "1", "2"] and _journal_ids(run.journal) == ["0", "1"]
+    assert json.loads(run.journal.read_text().split("\n")[0])["mode"] == "StdInfer"
     spy = _Spy(monkeypatch)
     resumed = run("--resume")
     assert resumed.exit_code == 0, resumed.output
@@ -165,35 +166,57 @@ def test_max_clicks_up_to_the_models_capacity(run, monkeypatch):
 
 def test_journal_header_records_every_setting(default_onnx, tmp_path):
     """The header is what --resume compares: the model's hash, the dataset's absolute path and every option
-    that changes results, with their values as this run used them."""
+    that changes results, with their values as this run used them; and the options reach the Session: the
+    run equals the API restatement, on a scene where each option changes the result."""
     import hashlib
 
-    data = _dataset(tmp_path / "ds", 1)
-    mask = cv2.imread(str(data / "masks" / "0.png"), cv2.IMREAD_GRAYSCALE)
+    from cfr_runtime import Engine, Session
+    from cfr_runtime.datasets import open_dataset
+
+    data = tmp_path / "ds"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    img, gt = blob_scene(5, 300, 450)  # larger than the 200 px minimum crop: zoom-in changes the box
+    mask = (gt * 255).astype(np.uint8)
     mask[:, :20] = 128  # 'anynonzero' reads it as object, the folder's guessed 'grabcut' as ignore
+    assert cv2.imwrite(str(data / "images" / "0.png"), img[..., ::-1])
     assert cv2.imwrite(str(data / "masks" / "0.png"), mask)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [
         str(default_onnx), "--dataset", str(data), "--max-clicks", "2", "--json", str(out), "--cfr", "2", "--acfr",
-        "--acfr-threshold", "7", "--cfr-clicks", "all", "--no-zoom", "--target-iou", "0.9",
+        "--acfr-threshold", "1000000", "--cfr-clicks", "all", "--no-zoom", "--target-iou", "0.9",
         "--mask-encoding", "anynonzero"])
     assert result.exit_code == 0, result.output
     header = json.loads(out.with_suffix(".jsonl").read_text().split("\n")[0])
     assert header == {"cfr_eval_journal": 1, "model_sha256": hashlib.sha256(default_onnx.read_bytes()).hexdigest(),
                       "dataset": str(data.resolve()), "mask_encoding": "anynonzero", "mode": "A-CFR-2",
-                      "acfr_threshold": 7, "cfr_clicks": None, "zoom_in": False, "max_clicks": 2, "target_iou": 0.9}
+                      "acfr_threshold": 1000000, "cfr_clicks": None, "zoom_in": False, "max_clicks": 2,
+                      "target_iou": 0.9}
     summary = json.loads(out.read_text())
     assert summary["mode"] == "A-CFR-2" and summary["cfr_clicks"] == "all" and summary["zoom_in"] is False
-    # the options reached the Session and the dataset reader: the same run restated with the API
-    from cfr_runtime import Engine, Session
-    from cfr_runtime.datasets import open_dataset
+    engine = Engine(default_onnx)
 
-    (inst,) = open_dataset(data, "anynonzero")
-    session = Session(Engine(default_onnx), cfr=2, adaptive=True, cfr_threshold=7, cfr_clicks=None, zoom_in=False)
-    want = EVALUATE_INSTANCE(session, *inst.load(), inst.id, max_clicks=2, target_iou=0.9)
-    got = summary["instances"][0]
+    def restated(encoding="anynonzero", **kw):
+        (inst,) = open_dataset(data, encoding)
+        options = dict(cfr=2, adaptive=True, cfr_threshold=1000000, cfr_clicks=None, zoom_in=False)
+        return EVALUATE_INSTANCE(Session(engine, **{**options, **kw}), *inst.load(), inst.id, max_clicks=2,
+                                 target_iou=0.9)
+
+    want, got = restated(), summary["instances"][0]
     assert got["clicks"] == want.clicks and got["forwards"] == want.forwards and got["ious"] == want.ious
-    assert len(want.forwards) == 2 and want.forwards[1] > 1  # --cfr-clicks all reached the second click
+    assert want.forwards == [2, 2]  # A-CFR stopped after the second forward of both clicks (--cfr-clicks all)
+    # each option matters on this scene, so the comparison above checks that each one reached the Session
+    for other in (restated(adaptive=False), restated(cfr_threshold=20), restated(zoom_in=True),
+                  restated(cfr_clicks=1), restated("grabcut")):
+        assert (other.forwards, other.ious) != (want.forwards, want.ious)
+
+
+def test_backend_option_reaches_the_engine(default_onnx, tmp_path):
+    """--backend trt on an ONNX file is refused (no TensorRT here, or not a plan), never run on ONNX Runtime."""
+    data = _dataset(tmp_path / "ds", 1)
+    result = CliRunner().invoke(eval_main, [str(default_onnx), "--dataset", str(data), "--max-clicks", "1",
+                                            "--backend", "trt"])
+    assert result.exit_code == 2 and "cfr-eval: error:" in result.output and "NoC@85" not in result.output
 
 
 # ---- the file format, without a model -------------------------------------------------------------------
