@@ -148,10 +148,11 @@ def test_journal_that_cannot_be_written_is_a_clean_error(default_onnx, tmp_path)
     (tmp_path / "file").write_text("x")
     args = [str(default_onnx), "--dataset", str(data), "--max-clicks", "1", "--json"]
     under_file = CliRunner().invoke(eval_main, [*args, str(tmp_path / "file" / "r.json")])
-    assert under_file.exit_code == 2 and "cannot create its folder" in under_file.output, under_file.output
+    assert under_file.exit_code == 2 and "cannot create its folder (File exists)" in under_file.output, \
+        under_file.output
     (tmp_path / "out" / "r.jsonl").mkdir(parents=True)  # the journal's name is taken by a folder
     taken = CliRunner().invoke(eval_main, [*args, str(tmp_path / "out" / "r.json")])
-    assert taken.exit_code == 2 and "cannot write next to it" in taken.output, taken.output
+    assert taken.exit_code == 2 and "cannot write next to it (Is a directory)" in taken.output, taken.output
 
 
 def test_max_clicks_up_to_the_models_capacity(run, monkeypatch):
@@ -209,6 +210,15 @@ def test_journal_header_records_every_setting(default_onnx, tmp_path):
     for other in (restated(adaptive=False), restated(cfr_threshold=20), restated(zoom_in=True),
                   restated(cfr_clicks=1), restated("grabcut")):
         assert (other.forwards, other.ious) != (want.forwards, want.ious)
+
+
+@pytest.mark.parametrize("args,mode", [([], "StdInfer"), (["--cfr", "1"], "CFR-1"), (["--cfr", "1", "--acfr"],
+                                                                                      "A-CFR-1")])
+def test_mode_name_without_a_journal(default_onnx, tmp_path, args, mode):
+    data = _dataset(tmp_path / "ds", 1)
+    result = CliRunner().invoke(eval_main, [str(default_onnx), "--dataset", str(data), "--max-clicks", "1", *args])
+    assert result.exit_code == 0 and f"mode={mode}  instances=1" in result.output, result.output
+    assert not list(tmp_path.rglob("*.jsonl"))
 
 
 def test_backend_option_reaches_the_engine(default_onnx, tmp_path):
