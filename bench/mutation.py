@@ -254,20 +254,22 @@ def main(argv: list[str] | None = None) -> int:
             if not mutants:
                 print(f"[{name}] no survivors to rerun", flush=True)
             else:
+                commit = _commit()
                 shutil.rmtree(here / "tests")
                 shutil.copytree(ROOT / "tests", here / "tests",
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"))
                 cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-survivors.log")
                 record = json.loads((here / "run.json").read_text())
-                record.setdefault("reruns", []).append({"command": command, "commit": _commit(), "mutants": mutants,
+                record.setdefault("reruns", []).append({"command": command, "commit": commit, "mutants": mutants,
                                                         "seconds": time.time() - t0, "cpu_seconds": cpu})
                 (here / "run.json").write_text(json.dumps(record))
         elif not args.report_only:
+            commit = _commit()  # of the sources and tests copied now
             here = prepare(name, spec, run, workdir)
             cpu = _mutmut(name, ["--max-children", str(children), *spec.get("functions", [])], here, env, "mutmut.log")
             # CPU seconds: what the module costs on an idle machine, whatever the load
             (here / "run.json").write_text(json.dumps({
-                "seconds": time.time() - t0, "cpu_seconds": cpu, "commit": _commit(), "max_children": children,
+                "seconds": time.time() - t0, "cpu_seconds": cpu, "commit": commit, "max_children": children,
                 "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()), "command": command}))
         result = collect(name, spec, here)
         result.update(json.loads((here / "run.json").read_text()) if (here / "run.json").is_file() else {})
