@@ -88,7 +88,8 @@ def test_resume_evaluates_only_the_unfinished_instances(run, monkeypatch):
     spy = _Spy(monkeypatch)
     resumed = run("--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert "resuming: 2 instances already done" in resumed.output
+    assert f"resuming: 2 instances already done in {run.journal}" in resumed.stderr  # a note, not a result
+    assert "resuming" not in resumed.stdout
     assert spy.ids == ["2", "3"], f"the resumed run evaluated {spy.ids}"
     assert "ds:   0%|" in resumed.output and "| 0/2 [" in resumed.output  # the bar counts what is left
     assert _journal_ids(run.journal) == ["0", "1", "2", "3"]
