@@ -222,6 +222,15 @@ def test_mode_name_without_a_journal(default_onnx, tmp_path, args, mode):
     assert not list(tmp_path.rglob("*.jsonl"))
 
 
+def test_target_iou_stops_each_instance(default_onnx, tmp_path):
+    data = _dataset(tmp_path / "ds", 2)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(eval_main, [str(default_onnx), "--dataset", str(data), "--max-clicks", "3",
+                                            "--target-iou", "0.01", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [len(i["ious"]) for i in json.loads(out.read_text())["instances"]] == [1, 1]  # 0.95 would click on
+
+
 def test_backend_option_reaches_the_engine(default_onnx, tmp_path):
     """--backend trt on an ONNX file is refused (no TensorRT here, or not a plan), never run on ONNX Runtime."""
     data = _dataset(tmp_path / "ds", 1)
