@@ -196,7 +196,7 @@ def markdown(report: dict) -> str:
            "commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["modules"]:
         c = r["counts"]
-        out.append(f"| {r['source']} | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
+        out.append(f"| {r['source']} ({r['module']}) | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
                    f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('equivalent', 0)} | "
                    f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
                    f"{r.get('commit', '?')} |")
