@@ -190,8 +190,8 @@ def markdown(report: dict) -> str:
            f"{m['load_before']} before the report, each module's after its run in the JSON; {wall / 60:.1f} min wall, "
            f"{cpu / 60:.1f} CPU min over the modules' runs.", "",
            f"Score = (killed + timed out) / (mutants - equivalent); target {m['target']:.0%} per module.", "",
-           "Minutes: wall time under the load above; CPU minutes: what the module's run used (on an idle 2-core "
-           "machine with 2 mutants at once, about half that in wall time).", "",
+           "Minutes: wall time under the load of the moment; CPU minutes: what the module's run used, whatever the "
+           "load (user + system time of mutmut and every test process it forked).", "",
            "| module | mutants | killed | timeout | survived | no tests | equivalent | score | minutes | CPU min | "
            "commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["modules"]:
