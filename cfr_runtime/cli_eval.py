@@ -86,7 +86,9 @@ class _Journal:
         try:
             old = json.loads(lines[0])
         except json.JSONDecodeError:
-            raise CfrError(f"{path}: not a cfr-eval journal; delete it or run without --resume") from None
+            old = None
+        if not isinstance(old, dict):  # valid JSON but not a header (e.g. `42`) is no journal either
+            raise CfrError(f"{path}: not a cfr-eval journal; delete it or run without --resume")
         differ = sorted(k for k in header if old.get(k) != header[k])
         if differ:
             raise CfrError(f"{path}: --resume with other settings than the interrupted run ("

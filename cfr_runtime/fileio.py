@@ -7,15 +7,19 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 
-@contextmanager
-def staged_file(final: str | os.PathLike, suffix: str = ".partial") -> Iterator[Path]:
+def staged_file(final: str | os.PathLike, suffix: str = ".partial") -> AbstractContextManager[Path]:
     """A new empty file beside `final` (same filesystem, so `os.replace(staged, final)` is atomic) with an
     ordinary file's permissions; it is deleted if the block raises. The block renames it into place once the
     content is good (or hands it to a caller that verifies first)."""
+    return _staged(final, suffix)
+
+
+def _stage(final: str | os.PathLike, suffix: str) -> Iterator[Path]:
+    """The generator behind `staged_file` (undecorated, so mutation testing can reach its lines)."""
     final = Path(final)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix)
     os.close(fd)
@@ -28,3 +32,6 @@ def staged_file(final: str | os.PathLike, suffix: str = ".partial") -> Iterator[
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
+
+
+_staged = contextmanager(_stage)
