@@ -22,8 +22,6 @@ from PIL import Image  # noqa: E402
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
 from cfr_runtime.serve import ServeConfig, SessionStore, StoreLimits, UploadLimits, create_app  # noqa: E402
 from cfr_runtime.serve.codec import decode_upload, mask_rle, rle_to_mask  # noqa: E402
-from cfr_runtime.serve.cvat import reconcile  # noqa: E402
-from cfr_runtime.session import Click  # noqa: E402
 
 
 class FakeClock:
@@ -297,29 +295,67 @@ def cvat_body(data: bytes, pos, neg=(), **extra) -> dict:
             "neg_points": [list(p) for p in neg], "obj_bbox": None, **extra}
 
 
+def cvat_mask(answer: dict, shape: tuple[int, int]) -> np.ndarray:
+    """The full-frame mask from an interactor answer, read as cvat-ui reads it: `mask` rows, placed at
+    `bounds` [left, top, right, bottom] (inclusive) when present, else at the origin."""
+    rows = np.asarray(answer["mask"], np.uint8)
+    left, top, right, bottom = answer.get("bounds", (0, 0, rows.shape[1] - 1, rows.shape[0] - 1))
+    assert rows.shape == (bottom - top + 1, right - left + 1)
+    full = np.zeros(shape, bool)
+    full[top:bottom + 1, left:right + 1] = rows > 0
+    return full
+
+
 def test_cvat_interactor(api, engine, scene):
     client, store, _ = api
     data = encode(scene[0], "JPEG")
     a, b, c = (80, 60, True), (10, 10, False), (100, 70, True)
-    steps = [[a], [a, b], [a, b, c], [a, b]]  # the clicks in the order made; the last request drops one (undo)
-    for i, clicks in enumerate(steps):
+    # the clicks in the order made; the last request drops one (undo). The answer is a fresh Session's on
+    # the documented order, positives then negatives: [a, c, b] for step 2, whatever the person did.
+    steps = [([a], 1), ([a, b], 1), ([a, c, b], 2), ([a, b], 1)]
+    for i, (clicks, forwards) in enumerate(steps):
         pos = [(x, y) for x, y, p in clicks if p]
         neg = [(x, y) for x, y, p in clicks if not p]
         path = "/" if i == 1 else "/cvat/interactor"  # nuclio invokes the function's root
         r = client.post(path, json=cvat_body(data, pos, neg))
         assert r.status_code == 200, r.text
-        a = r.json()
-        mask = np.asarray(a["mask"], np.uint8)
-        assert mask.shape == (120, 160) and set(np.unique(mask)) <= {0, 255}
-        ref = reference(engine, data, clicks)  # CVAT sends no order across the lists; the session keeps it
-        assert np.array_equal(mask == 255, ref.mask), f"step {i}"
-        poly = np.asarray(a["points"])
-        assert poly.ndim == 2 and poly.shape[1] == 2 and len(poly) >= 3
-        assert a["forwards"] == (0 if i == 3 else 1)  # incremental: one new click, one forward
+        ans = r.json()
+        ref = reference(engine, data, clicks)
+        mask = cvat_mask(ans, (120, 160))
+        assert np.array_equal(mask, ref.mask), f"step {i}"
+        assert ans["forwards"] == forwards  # reuse of the cached session where it is exact
     assert len(store) == 1  # one stored session for the image, reused across requests
     r = client.post("/cvat/interactor", json=cvat_body(data, [(80, 60)], threshold=0.9, task=3, frame=0))
     assert r.status_code == 200
-    assert (np.asarray(r.json()["mask"]) == 255).sum() <= (mask == 255).sum()
+    assert cvat_mask(r.json(), (120, 160)).sum() <= mask.sum()
+
+
+def test_cvat_answer_does_not_depend_on_other_requests(api, engine, scene):
+    """Issue 16, case 5: [P1, P2] after another request's [P2] on the same frame is still fresh [P1, P2]."""
+    client, _, _ = api
+    data = encode(scene[0])
+    p1, p2 = (80, 60), (100, 70)
+    ref = reference(engine, data, [(*p1, True), (*p2, True)]).mask
+    assert not np.array_equal(ref, reference(engine, data, [(*p2, True), (*p1, True)]).mask)
+    assert client.post("/cvat/interactor", json=cvat_body(data, [p2])).status_code == 200
+    r = client.post("/cvat/interactor", json=cvat_body(data, [p1, p2]))
+    assert r.status_code == 200, r.text
+    got = cvat_mask(r.json(), (120, 160))
+    assert np.array_equal(got, ref), f"{np.count_nonzero(got != ref)} px differ from a fresh Session"
+
+
+def test_cvat_order_is_positives_then_negatives(api, engine, scene):
+    """The documented order, pinned: CVAT sends no order between its two lists."""
+    client, _, _ = api
+    data = encode(scene[0])
+    p1, p2, n1 = (80, 60, True), (100, 70, True), (10, 10, False)
+    orders = {name: reference(engine, data, clicks).mask for name, clicks in
+              (("positives first", [p1, p2, n1]), ("negatives first", [n1, p1, p2]), ("as clicked", [p1, n1, p2]))}
+    assert not np.array_equal(orders["positives first"], orders["negatives first"])
+    assert not np.array_equal(orders["positives first"], orders["as clicked"])
+    client.post("/cvat/interactor", json=cvat_body(data, [p1[:2]], [n1[:2]]))  # cache [p1, n1]
+    r = client.post("/cvat/interactor", json=cvat_body(data, [p1[:2], p2[:2]], [n1[:2]]))
+    assert np.array_equal(cvat_mask(r.json(), (120, 160)), orders["positives first"])
 
 
 def test_cvat_errors(api, scene):
@@ -335,16 +371,6 @@ def test_cvat_errors(api, scene):
     assert_error(client.post("/cvat/interactor", content=b"[", headers={"Content-Type": "application/json"}),
                  400, "InputError", "not JSON")
     assert_error(client.post("/cvat/interactor", json=cvat_body(data, [(1000, 1)])), 400, "InputError", "outside")
-
-
-def test_reconcile_minimal_work(engine, scene):
-    s = Session(engine)
-    s.set_image(scene[0])
-    a, b, c = Click(80, 60, True), Click(10, 10, False), Click(100, 70, True)
-    assert reconcile(s, [a, b]) == 2 and s.clicks == [a, b]
-    assert reconcile(s, [a, b, c]) == 1 and s.clicks == [a, b, c]
-    assert reconcile(s, [a, c]) == 1 and s.clicks == [a, c]  # undo back to [a], then add c
-    assert reconcile(s, [a, c]) == 0
 
 
 def test_rle_round_trip():

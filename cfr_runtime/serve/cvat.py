@@ -10,11 +10,11 @@ storage with credentials, and its answer (a polygon plus a full mask) is exactly
 Label Studio sends an image URL to fetch from its own server and percent coordinates, and expects brush
 masks in its own bit-packed RLE.
 
-The protocol is stateless; this adapter is not: the image's digest keys a stored session, and each request's
-points are reconciled with the session's clicks (undo back to the longest prefix that is still wanted, then
-add the new points), so a click costs one click's forwards instead of re-decoding the image and replaying
-every click. The order of a positive and a negative point added in the same request is not sent by CVAT;
-positives go first. `obj_bbox` is accepted and ignored (click-only model).
+The protocol is stateless, and so is the answer: it is the mask of a fresh Session fed the request's points
+in one fixed order, every positive point in the order sent, then every negative point (CVAT sends the two
+lists, not the order between them). `SessionStore.replay` gives that answer while reusing a cached session
+of the same frame where that is exact, so a new click usually costs one click's forwards instead of
+re-decoding the frame and replaying every click. `obj_bbox` is accepted and ignored (click-only model).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import json
 import time
-from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
@@ -32,7 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InputError
-from ..session import Click, Session
+from ..session import Click
 from .codec import decode_upload, http_error, mask_polygon, read_body
 from .store import SessionStore
 
@@ -48,25 +47,10 @@ class CvatInteraction(BaseModel):
     threshold: float | None = None
 
 
-def reconcile(session: Session, wanted: list[Click]) -> int:
-    """Bring the session's clicks to the multiset `wanted` with the fewest forwards; returns forwards run."""
-    have = session.clicks
-    need = Counter(wanted)
-    keep = 0
-    for c in have:  # the longest prefix of the current clicks that is still wanted
-        if need[c] <= 0:
-            break
-        need[c] -= 1
-        keep += 1
-    for _ in range(len(have) - keep):
-        session.undo()
-    forwards = 0
-    for c in wanted:
-        if need[c] > 0:
-            need[c] -= 1
-            session.add_click(c.x, c.y, c.positive)
-            forwards += session.forwards[-1]
-    return forwards
+def click_order(pos_points: list, neg_points: list) -> list[Click]:
+    """The documented order of a CVAT request's points: positives in the order sent, then negatives."""
+    return ([Click(float(x), float(y), True) for x, y in pos_points]
+            + [Click(float(x), float(y), False) for x, y in neg_points])
 
 
 def add_cvat_routes(app: FastAPI, store: SessionStore, config, slots) -> None:
@@ -84,25 +68,21 @@ def add_cvat_routes(app: FastAPI, store: SessionStore, config, slots) -> None:
             raise http_error(InputError, 422, f"not a CVAT interactor request: {msgs}") from None
         if not data.pos_points:
             raise InputError("CVAT interactor request without positive points (the function needs at least 1)")
-        wanted = [Click(float(x), float(y), True) for x, y in data.pos_points]
-        wanted += [Click(float(x), float(y), False) for x, y in data.neg_points]
-        key = hashlib.sha256(data.image.encode()).hexdigest() + "|" + mode
-        entry = store.by_key(key)
-        if entry is None:
+        wanted = click_order(data.pos_points, data.neg_points)
+        key = "cvat:" + hashlib.sha256(data.image.encode()).hexdigest()
+
+        def image():
             try:
                 blob = base64.b64decode(data.image, validate=True)
             except (binascii.Error, ValueError):
                 raise InputError("the CVAT request's 'image' is not valid base64") from None
-            rgb = await run_in_threadpool(decode_upload, blob, config.upload)
-            entry = await run_in_threadpool(store.create, rgb, mode, key)
+            return decode_upload(blob, config.upload)
 
         def run() -> dict:
-            with entry.lock:
-                with slots:
-                    forwards = reconcile(entry.session, wanted)
-                s = entry.session
+            with slots, store.replay(key, image, wanted, mode) as r:
+                s = r.session
                 mask = s.mask if data.threshold is None else s.probs > data.threshold
-            store.touched(entry)
+                forwards = r.forwards
             return {"points": mask_polygon(mask), "mask": (mask.astype("uint8") * 255).tolist(),
                     "forwards": forwards, "server_ms": round((time.perf_counter() - start) * 1000, 3)}
 

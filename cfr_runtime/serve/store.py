@@ -2,6 +2,9 @@
 
 The Engine is shared; every `Session` owns its Runner (buffers bound once), so sessions run concurrently
 and only the clicks of one session are serialised, by that session's lock.
+
+Stateless protocols (CVAT, Label Studio, a Ray replica) go through one primitive, `SessionStore.replay`: the
+request's click list is the truth and a cached session is only a way to get its answer sooner.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..engine import Engine
 from ..errors import InputError, SessionNotFoundError
-from ..session import Session
+from ..session import Click, Session
 
 MODE_RE = re.compile(r"^(?:(StdInfer)|(A-)?CFR-(\d{1,2}))$")
 MAX_CFR = 32
@@ -48,6 +52,9 @@ class StoreLimits:
     idle_timeout_s: float = 900.0
     max_sessions: int = 64
     max_memory_mb: float = 2048.0
+    # cached sessions per (image, mode) for `replay`: two annotators on one frame each keep a session to
+    # extend instead of undoing each other's clicks; a request that finds all of them busy waits for one
+    max_per_key: int = 4
 
 
 @dataclass
@@ -81,6 +88,42 @@ def release_memory() -> None:
             pass
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What `SessionStore.replay` hands out: the entry (locked for the caller), how much cached work it kept."""
+
+    entry: Entry
+    kept: int  # clicks of the cached session kept (the longest common ordered prefix)
+    forwards: int  # forwards this call ran
+    created: bool  # no cached session could be used: a new one was opened from the image
+
+    @property
+    def session(self) -> Session:
+        return self.entry.session
+
+
+def as_click(c: Click | Sequence) -> Click:
+    """A Click from a Click or an (x, y, positive) triple (the click list format of the adapters)."""
+    if isinstance(c, Click):
+        return c
+    try:
+        x, y, positive = c
+    except (TypeError, ValueError):
+        raise InputError(f"a click is (x, y, positive), got {c!r}") from None
+    return Click(x, y, positive)
+
+
+def common_prefix(have: Sequence[Click], wanted: Sequence[Click]) -> int:
+    """Length of the longest common ordered prefix: position by position, so a point repeated twice counts
+    twice (a multiset or membership test would let [A] stand in for [A, A], or [B, A] for [A, B])."""
+    n = 0
+    for a, b in zip(have, wanted):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 class SessionStore:
     """Thread-safe map of live sessions. `clock` is injectable so tests can expire sessions instantly."""
 
@@ -90,20 +133,25 @@ class SessionStore:
         self.limits = limits or StoreLimits()
         self.clock = clock
         self._entries: OrderedDict[str, Entry] = OrderedDict()
-        self._keys: dict[str, str] = {}
+        self._keys: dict[str, list[str]] = {}  # adapter key -> ids of the cached sessions for it
         self._lock = threading.Lock()
         self.evicted = {"idle": 0, "count": 0, "memory": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def create(self, rgb: np.ndarray, mode: str = "StdInfer", key: str | None = None) -> Entry:
+    def create(self, rgb: np.ndarray, mode: str = "StdInfer", key: str | None = None,
+               locked: bool = False) -> Entry:
+        """A new session on `rgb`; `key` files it under an adapter key; `locked` hands it out with its lock
+        held (the caller releases it), so no other request can touch it before the caller's first use."""
         cfr, adaptive = parse_mode(mode)
         session = Session(self.engine, cfr=cfr, adaptive=adaptive)
         session.set_image(rgb)
         entry = Entry(secrets.token_urlsafe(24), session, self.clock(), session.nbytes, key=key)
+        if locked:
+            entry.lock.acquire()
         with self._lock:
             self._entries[entry.id] = entry
             if key is not None:
-                self._keys[key] = entry.id
+                self._keys.setdefault(key, []).append(entry.id)
             evicted = self._enforce(keep=entry.id)
         if evicted:
             release_memory()
@@ -119,15 +167,79 @@ class SessionStore:
             self._entries.move_to_end(sid)
             return entry
 
-    def by_key(self, key: str) -> Entry | None:
+    def by_key(self, key: str) -> list[Entry]:
+        """The cached sessions filed under an adapter key (most recently used last)."""
         with self._lock:
-            sid = self._keys.get(key)
-        if sid is None:
-            return None
+            return [self._entries[sid] for sid in self._keys.get(key, ()) if sid in self._entries]
+
+    @contextmanager
+    def replay(self, key: str, image: Callable[[], np.ndarray], clicks: Sequence[Click | Sequence],
+               mode: str = "StdInfer") -> Iterator[Replayed]:
+        """The stateless rule: a session in exactly the state of a fresh `Session(mode)` on the image, fed
+        `clicks` one by one in the order given.
+
+            with store.replay(digest, lambda: decode(blob), [(x, y, True), ...], "CFR-4") as r:
+                mask = r.session.mask        # read everything you need inside the block
+
+        key: the image's identity (e.g. the SHA-256 of its bytes); the mode is added to it, since CFR changes
+          the result of the first click. image: called only when no cached session can be used, returns the
+          H x W x 3 uint8 RGB image. clicks: Click or (x, y, positive), in the order they are to be applied.
+        The order is the caller's protocol decision and must be documented there (the CVAT adapter: every
+        positive point in the order sent, then every negative point).
+
+        Reuse is exact or not at all: a cached session of this key and mode is kept only up to the longest
+        common *ordered* prefix of its clicks and `clicks` (undone past it, then the rest added), so a cached
+        [P2] never serves a request for [P1, P2], and a point repeated twice counts twice. Requests on the
+        same image interleave safely: the session is locked from the choice until the block ends, so no
+        request sees another's clicks. Up to `limits.max_per_key` sessions are cached per key; a request
+        takes the idle one sharing the longest prefix, opens a new one while there are fewer, and otherwise
+        waits for the busiest-matching one. A click refused by the Session (outside the image, too many)
+        raises InputError and leaves that session holding a prefix of `clicks`, still a valid cache.
+        """
+        wanted = [as_click(c) for c in clicks]
+        cfr, adaptive = parse_mode(mode)
+        mode = format_mode(cfr, adaptive)
+        key = f"{key}|{mode}"
+        entry, created = self._checkout(key, image, mode, wanted)
         try:
-            return self.get(sid)
-        except SessionNotFoundError:
-            return None
+            session = entry.session
+            have = session.clicks
+            kept = common_prefix(have, wanted)
+            for _ in range(len(have) - kept):
+                session.undo()
+            forwards = 0
+            for c in wanted[kept:]:
+                session.add_click(c.x, c.y, c.positive)
+                forwards += session.forwards[-1]
+            yield Replayed(entry, kept, forwards, created)
+        finally:
+            entry.lock.release()
+            self.touched(entry)
+
+    def _checkout(self, key: str, image: Callable[[], np.ndarray], mode: str,
+                  wanted: list[Click]) -> tuple[Entry, bool]:
+        """An entry of `key` with its lock held: the idle one with the longest common prefix, else a new one
+        (fewer than max_per_key cached), else wait for the one with the longest common prefix."""
+        with self._lock:
+            pool = [self._entries[sid] for sid in self._keys.get(key, ()) if sid in self._entries]
+            pool.sort(key=lambda e: common_prefix(e.session.clicks, wanted), reverse=True)
+            for entry in pool:
+                if entry.lock.acquire(blocking=False):
+                    self._use(entry)
+                    return entry, False
+            full = len(pool) >= self.limits.max_per_key
+        if not full:
+            return self.create(image(), mode, key=key, locked=True), True
+        entry = pool[0]
+        entry.lock.acquire()
+        with self._lock:
+            if entry.id in self._entries:
+                self._use(entry)
+        return entry, False
+
+    def _use(self, entry: Entry) -> None:
+        entry.last_used = self.clock()
+        self._entries.move_to_end(entry.id)
 
     def delete(self, sid: str) -> None:
         with self._lock:
@@ -175,8 +287,11 @@ class SessionStore:
 
     def _drop(self, entry: Entry) -> None:
         self._entries.pop(entry.id, None)
-        if entry.key is not None and self._keys.get(entry.key) == entry.id:
-            del self._keys[entry.key]
+        ids = self._keys.get(entry.key) if entry.key is not None else None
+        if ids is not None and entry.id in ids:
+            ids.remove(entry.id)
+            if not ids:
+                del self._keys[entry.key]
 
     def _enforce(self, keep: str) -> int:
         """Evict least recently used sessions (never `keep`) until both caps hold."""
