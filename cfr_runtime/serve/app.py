@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine import Engine
-from ..errors import CfrError, InputError, SessionNotFoundError, StateError
+from ..errors import CfrError, InputError
 from . import cvat
 from .codec import (
     FORMATS,
@@ -43,6 +43,7 @@ from .codec import (
     parse_json,
     probe_upload,
     read_body,
+    status_of,
 )
 from .fairness import IDENTITIES, FairScheduler, client_of
 from .memory import release_memory, rss_bytes
@@ -91,17 +92,6 @@ class ClickIn(BaseModel):
 class ModeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: str
-
-
-def status_of(exc: CfrError) -> int:
-    explicit = getattr(exc, "http_status", None)
-    if explicit:
-        return explicit
-    if isinstance(exc, SessionNotFoundError):
-        return 404
-    if isinstance(exc, StateError):
-        return 409
-    return 400
 
 
 def error_response(exc: CfrError) -> JSONResponse:

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..errors import CfrError, InputError
+from ..errors import CfrError, InputError, SessionNotFoundError, StateError
 
 FORMATS = ("png", "rle")
 UPLOAD_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO")
@@ -43,6 +43,18 @@ def http_error(cls: type[CfrError], status: int, message: str) -> CfrError:
     exc = cls(message)
     exc.http_status = status  # type: ignore[attr-defined]
     return exc
+
+
+def status_of(exc: CfrError) -> int:
+    """The HTTP status a project error is answered with: its own, else 404 / 409 / 400 by kind."""
+    explicit = getattr(exc, "http_status", None)
+    if explicit:
+        return explicit
+    if isinstance(exc, SessionNotFoundError):
+        return 404
+    if isinstance(exc, StateError):
+        return 409
+    return 400
 
 
 @dataclass(frozen=True)
