@@ -319,7 +319,8 @@ def test_lru_caps(engine, scene):
     delta = resident_bytes(one) - held
     assert delta >= 224 * 224 * 4  # the undo history counts
     h, w = scene[0].shape[:2]
-    cap = held + creation_bytes(h, w, engine.contract)  # room for one session and the reservation of another
+    # room for one session, and for the upload body and the reservation of another
+    cap = held + len(data) + creation_bytes(h, w, engine.contract)
     assert 2 * held + delta <= cap < 2 * held + 2 * delta  # a's second click, not its first, pushes b out
     client, store, clock = make(engine, StoreLimits(max_memory_mb=cap / 2**20))
     with client:

@@ -158,6 +158,18 @@ def test_memory_is_reserved_before_decoding(engine, scene, monkeypatch):
         assert decoded == [1] and len(store) == 1 and store.stats()["reserved_mb"] == 0
 
 
+def test_request_bodies_are_held_against_the_memory_cap(engine, scene):
+    """A body waiting for its turn holds memory too: its declared size is held against the cap while the
+    request keeps it, so a body larger than what the cap has room for is refused before it is read."""
+    client, store = make(engine, store=StoreLimits(max_memory_mb=4))
+    with client:
+        r = client.post("/sessions", content=b"\0" * (5 * 2**20), headers={"Content-Type": "image/png"})
+        assert_error(r, 413, "request of 5 MB")
+        r = client.post("/cvat/interactor", content=b" " * (5 * 2**20), headers={"Content-Type": "application/json"})
+        assert_error(r, 413, "request of 5 MB")
+        assert store.stats()["reserved_mb"] == 0
+
+
 def test_decodes_run_a_few_at_a_time(engine, scene, monkeypatch):
     import cfr_runtime.serve.app as app_module
 
@@ -438,3 +450,45 @@ def test_upload_limit_enforced_while_reading_a_chunked_stream(engine):
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"passes the limit" in answer
     assert sent < total / 4, f"the server read {sent} bytes of a stream it should have cut off at {limit}"
+
+
+# ---- the attack bench ----------------------------------------------------------------------------------
+def load_attack_tool():
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("serve_attack", ROOT / "bench" / "serve_attack.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("url", ["http://example.com:8000", "http://10.0.0.1:8000", "http://8.8.8.8:80",
+                                 "https://127.0.0.1:8000", "http://127.0.0.1"])
+def test_attack_tool_refuses_anything_but_loopback(url):
+    tool = load_attack_tool()
+    with pytest.raises(SystemExit, match="refusing|must be|cannot resolve"):
+        tool.loopback_url(url)
+    assert tool.loopback_url("http://127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert tool.loopback_url("http://localhost:8000")[1] == 8000
+
+
+def test_attack_tool_quick_run(tmp_path):
+    """A quick subset against a spawned server: every row ok, results written, and never over a file."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, "bench/serve_attack.py", "--spawn", "--only", "bombs,cross-site,cvat-order,errors",
+           "--out", str(tmp_path), "--tag", "quick", "--budget-s", "120"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "attack_quick.json").read_text())
+    assert [r["ok"] for r in result["rows"]] == [True] * 4
+    assert "| 4 |" in (tmp_path / "attack_quick.md").read_text()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr

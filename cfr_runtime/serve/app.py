@@ -188,14 +188,30 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
     def client(request: Request) -> str:
         return client_of(request, config.client_identity, config.client_header)
 
-    async def heavy(request: Request, fn, lock: asyncio.Lock | None = None):
-        """Run `fn` in a worker once this client's turn comes (module doc): counted against the client's
-        in-flight limit, serialised with the session's other requests (`lock`) without holding a thread."""
+    async def heavy(request: Request, fn, lock: asyncio.Lock | None = None, admitted: bool = False):
+        """Run `fn` in a worker once this client's turn comes (fairness.py): counted against the client's
+        in-flight limit (unless the caller already is), serialised with the session's other requests (`lock`)
+        without holding a thread."""
         who = client(request)
-        with work.admitted(who):
+        with contextlib.nullcontext() if admitted else work.admitted(who):
             async with lock if lock is not None else contextlib.nullcontext():
                 async with work.slot(who):
                     return await run_in_threadpool(fn)
+
+    async def read_held(request: Request, limit: int, who: str):
+        """A large body, read while its size is held against the memory cap (the declared Content-Length,
+        else the limit), so that bodies waiting for their turn cannot pile up outside the cap. Returns
+        (body, reservation); the caller releases the reservation when it lets go of the body."""
+        declared = request.headers.get("content-length", "")
+        size = min(int(declared), limit + 1) if declared.isdigit() else limit
+        if size > limit:
+            raise http_error(InputError, 413, f"request body is {declared} bytes; the limit is {limit}")
+        held = await run_in_threadpool(store.hold, size, who)
+        try:
+            return await read_body(request, limit), held
+        except BaseException:
+            held.release()
+            raise
 
     @app.exception_handler(CfrError)
     async def on_cfr_error(request: Request, exc: CfrError):
@@ -240,7 +256,8 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         c = engine.contract
         rss = rss_bytes()
         return {"status": "ok", "engine": repr(engine), "input_size": c.input_size, "max_points": c.max_points,
-                **store.stats(), "rss_mb": None if rss is None else round(rss / 2**20, 1), "work": work.stats()}
+                **store.stats(), "rss_mb": None if rss is None else round(rss / 2**20, 1), "work": work.stats(),
+                "upload": {"max_bytes": config.upload.max_bytes, "max_pixels": config.upload.max_pixels}}
 
     # ---- sessions --------------------------------------------------------------------------------------
     @app.post("/sessions", status_code=201)
@@ -248,16 +265,18 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         """Body: the image file itself (curl --data-binary @img.jpg -H 'Content-Type: image/jpeg')."""
         require_upload_type(request)
         parse_mode(mode)
-        body = await read_body(request, config.upload.max_bytes)
-        header = await run_in_threadpool(probe_upload, body, config.upload)  # refusals before any queueing
         who = client(request)
+        with work.admitted(who):
+            body, held = await read_held(request, config.upload.max_bytes, who)
+            with held:
+                header = await run_in_threadpool(probe_upload, body, config.upload)  # refusals before queueing
 
-        def create() -> Entry:
-            with store.reserve(header.width, header.height, who) as reservation:
-                rgb = decode_upload(body, config.upload, header=header)
-                return store.create(rgb, mode, client=who, reservation=reservation)
+                def create() -> Entry:
+                    with store.reserve(header.width, header.height, who) as reservation:
+                        rgb = decode_upload(body, config.upload, header=header)
+                        return store.create(rgb, mode, client=who, reservation=reservation)
 
-        entry = await heavy(request, create)
+                entry = await heavy(request, create, admitted=True)
         return {**describe(entry), "idle_timeout_s": store.limits.idle_timeout_s}
 
     @app.get("/sessions/{sid}")
@@ -336,10 +355,12 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         start = time.perf_counter()
         require_json(request, "CVAT request body")
         parse_mode(mode)
-        raw = await read_body(request, cvat_limit)
         who = client(request)
-        data = await heavy(request, lambda: cvat.interact(store, raw, limits=config.upload, mode=mode, client=who,
-                                                          crop=crop, start=start))
+        with work.admitted(who):
+            raw, held = await read_held(request, cvat_limit, who)
+            with held:
+                data = await heavy(request, lambda: cvat.interact(store, raw, limits=config.upload, mode=mode,
+                                                                  client=who, crop=crop, start=start), admitted=True)
         return Response(data, media_type="application/json")
 
     app.add_api_route("/cvat/interactor", interact, methods=["POST"], summary="CVAT interactor function body")

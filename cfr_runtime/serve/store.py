@@ -13,7 +13,8 @@ is decoded. Room is made by evicting idle sessions (never one in use), least rec
 fairness rule: a client's own sessions can always make way for it, another client's only while the
 requesting client stays within its fair share (the cap divided by the clients holding memory). So one client
 flooding uploads evicts its own sessions, not everyone's; what cannot be made room for is refused (413 when
-it could never fit, 429 when it is the client's own limit, 503 when other clients' sessions fill the server).
+it could never fit, 429 when the client is at its own limit or beyond its share, 503 when the server is full
+of other clients' sessions that are in use or within their share).
 """
 
 from __future__ import annotations
@@ -190,15 +191,22 @@ class SessionStore:
     def reserve(self, width: int, height: int, client: str = ANONYMOUS) -> Reservation:
         """Reserve what a new session on a width x height image will need, before decoding it; evicts idle
         sessions by the fairness rule (module doc) to make room. Raises InputError 413 (never fits),
-        StateError 429 (the client's own session limit, all of its sessions busy) or BusyError 503."""
+        StateError 429 (the client's own limits or share) or BusyError 503 (full of others' sessions)."""
         need = creation_bytes(height, width, self.engine.contract)
+        return self._hold(need, client, 1, f"a {width}x{height} image needs about {need / MB:.0f} MB to annotate")
+
+    def hold(self, nbytes: int, client: str = ANONYMOUS) -> Reservation:
+        """Hold `nbytes` of the cap for something that is not a session (a request body being read and
+        kept while its request waits), by the same rules as `reserve`."""
+        return self._hold(nbytes, client, 0, f"a request of {nbytes / MB:.0f} MB")
+
+    def _hold(self, need: int, client: str, new: int, what: str) -> Reservation:
         cap = int(self.limits.max_memory_mb * MB)
         if need > cap:
-            raise http_error(InputError, 413, (
-                f"a {width}x{height} image needs about {need / MB:.0f} MB to annotate; the server's limit is "
-                f"{cap / MB:.0f} MB (cfr-serve --max-memory-mb)"))
+            raise http_error(InputError, 413, f"{what}; the server's limit is {cap / MB:.0f} MB "
+                                              "(cfr-serve --max-memory-mb)")
         with self._lock:
-            evicted = self._make_room(client, need, 1)
+            evicted = self._make_room(client, need, new)
             self._reserved[client] += need
         if evicted:
             release_memory()
@@ -452,9 +460,18 @@ class SessionStore:
                 if not within:
                     continue
             evict(e, "count" if over_count else "memory")
-        if strict and (len(self._entries) + new > lim.max_sessions or total + need > cap):
-            what = (f"{total / MB:.0f} MB of {cap / MB:.0f} MB" if total + need > cap
-                    else f"{len(self._entries)} of {lim.max_sessions} sessions")
+        over_memory, over_count = total + need > cap, len(self._entries) + new > lim.max_sessions
+        if strict and (over_memory or over_count):
+            beyond_share = (over_memory and usage[client] + need > share_bytes) or (
+                over_count and count[client] + new > share_count)
+            if beyond_share:
+                held = f"{usage[client] / MB:.0f} MB in {count[client]} sessions"
+                raise http_error(StateError, 429, (
+                    f"this client holds {held} (in use or being opened) and its share of the server is "
+                    f"{share_bytes / MB:.0f} MB and {share_count:.0f} sessions while {len(holders)} clients use it; "
+                    "close sessions (DELETE /sessions/ID) or retry when they are done"))
+            what = f"{total / MB:.0f} MB of {cap / MB:.0f} MB" if over_memory else (
+                f"{len(self._entries)} of {lim.max_sessions} sessions")
             raise http_error(BusyError, 503, (
                 f"the server is full ({what} held by sessions in use or by other clients within their "
                 f"share); this request needs {need / MB:.0f} MB more: retry later"))
