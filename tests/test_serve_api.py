@@ -250,6 +250,20 @@ def test_transparency_is_composited_as_the_page_shows_it():
     assert (decode_upload(buf.getvalue(), UploadLimits()) == bg).all()
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_exif_orientation_is_applied_as_browsers_do(fmt):
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:5] = 255  # a white band on top
+    img = Image.fromarray(rgb)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, exif=exif.tobytes())
+    shown = decode_upload(buf.getvalue(), UploadLimits())
+    assert shown.shape == (30, 20, 3) and (shown[:, -5:] > 200).all() and (shown[:, :10] < 50).all()
+    assert decode_upload(encode(rgb, fmt), UploadLimits()).shape == (20, 30, 3)  # no tag: as stored
+
+
 def test_float_images_are_refused_clearly():
     buf = io.BytesIO()
     Image.fromarray(np.zeros((4, 4), np.float32)).save(buf, format="TIFF")

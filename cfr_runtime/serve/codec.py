@@ -36,6 +36,8 @@ UPLOAD_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO")
 PAGE_BACKGROUND = (0x1E, 0x1F, 0x22)  # style.css body background: what the page shows under transparency
 DEFLATE_MAX_RATIO = 1032  # deflate cannot compress better than this (258-byte matches at >= 2 bits each)
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+ORIENTATION = 0x0112  # the EXIF (and TIFF) orientation tag
+B64_CHUNK = 1 << 20  # characters decoded per call: base64 decoding holds the GIL, so /health waits that long
 
 
 def http_error(cls: type[CfrError], status: int, message: str) -> CfrError:
@@ -188,7 +190,8 @@ def decode_upload(data: bytes, limits: UploadLimits, background: tuple[int, int,
     img = _open(data, limits)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(ORIENTATION, 1) not in (None, 1):  # exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img, background)
     except (OSError, ValueError, SyntaxError, struct.error, EOFError) as exc:
         raise http_error(InputError, 400, f"the {header.format} upload is corrupt or truncated ({exc})") from None
@@ -285,6 +288,17 @@ def mask_polygon(mask: np.ndarray, epsilon: float = 1.0) -> list[list[int]]:
     return poly.astype(int).tolist()
 
 
+def b64decode(text: str) -> bytes:
+    """Strict base64 (as `base64.b64decode(validate=True)`), decoded a megabyte of text at a time so the worker
+    lets the event loop run between pieces (a 27 MB frame in one call holds the GIL for tens of ms)."""
+    import base64
+    import binascii
+
+    if len(text) % 4 or "=" in text[:-2]:
+        raise binascii.Error("incorrect length or padding")
+    return b"".join(base64.b64decode(text[i:i + B64_CHUNK], validate=True) for i in range(0, len(text), B64_CHUNK))
+
+
 class EncodedImage:
     """An uploaded image as `SessionStore.replay` wants it: the header (for the memory reservation) before the
     pixels, each computed once. `data` may be the file's bytes or its base64 text (CVAT's `image`)."""
@@ -300,14 +314,13 @@ class EncodedImage:
         if self._blob is None:
             data = self._data
             if isinstance(data, str):
-                import base64
                 import binascii
 
                 if len(data) > self.limits.max_bytes * 4 // 3 + 4:
                     raise http_error(InputError, 413, f"the {self.what} is {len(data)} base64 characters; the "
                                                       f"limit is {self.limits.max_bytes} bytes decoded")
                 try:
-                    data = base64.b64decode(data, validate=True)
+                    data = b64decode(data)
                 except (binascii.Error, ValueError):
                     raise http_error(InputError, 400, f"the {self.what} is not valid base64") from None
             self._blob = data
