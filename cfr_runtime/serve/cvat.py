@@ -84,17 +84,25 @@ def parse_request(body: bytes | str | dict) -> CvatInteraction:
     return req
 
 
-def mask_rows_json(mask: np.ndarray) -> bytes:
-    """A bool H x W mask as the JSON text of H rows of W 0/1 numbers, written by numpy (2 bytes a pixel)."""
+def mask_rows_json(mask: np.ndarray, head: bytes = b"", tail: bytes = b"") -> bytes:
+    """`head` + a bool H x W mask as the JSON text of H rows of W 0/1 numbers + `tail`, written by numpy into
+    one buffer and copied out once (2 bytes a pixel; every copy of a 26 MB answer holds the GIL)."""
     h, w = mask.shape
-    buf = np.empty((h, 2 * w + 2), np.uint8)
-    buf[:, 0] = ord("[")
-    buf[:, 1:2 * w:2] = mask
-    buf[:, 1:2 * w:2] += ord("0")
-    buf[:, 2:2 * w:2] = ord(",")
-    buf[:, 2 * w] = ord("]")
-    buf[:, 2 * w + 1] = ord(",")
-    return b"[" + buf.tobytes()[:-1] + b"]"
+    row = 2 * w + 2  # "[d,d,...,d],"
+    out = np.empty(len(head) + 1 + h * row - 1 + 1 + len(tail), np.uint8)
+    out[:len(head)] = np.frombuffer(head, np.uint8)
+    out[len(head)] = ord("[")
+    body = out[len(head) + 1:len(head) + 1 + h * row].reshape(h, row)  # the last row's "," is overwritten
+    body[:, 0] = ord("[")
+    body[:, 1:2 * w:2] = mask
+    body[:, 1:2 * w:2] += ord("0")
+    body[:, 2:2 * w:2] = ord(",")
+    body[:, 2 * w] = ord("]")
+    body[:, 2 * w + 1] = ord(",")
+    end = len(head) + h * row
+    out[end] = ord("]")
+    out[end + 1:] = np.frombuffer(tail, np.uint8)
+    return out.tobytes()
 
 
 def answer_bytes(mask: np.ndarray, crop: bool = True, **extra) -> bytes:
@@ -111,8 +119,8 @@ def answer_bytes(mask: np.ndarray, crop: bool = True, **extra) -> bytes:
     else:
         rows, bounds = mask, [0, 0, mask.shape[1] - 1, mask.shape[0] - 1]
     fields["bounds"] = bounds
-    tail = json.dumps(fields, separators=(",", ":"))[1:]
-    return b'{"mask":' + mask_rows_json(rows) + b"," + tail.encode()
+    tail = "," + json.dumps(fields, separators=(",", ":"))[1:]
+    return mask_rows_json(rows, b'{"mask":', tail.encode())
 
 
 def interact(store: SessionStore, body: bytes | str | dict, *, limits: UploadLimits, mode: str = "StdInfer",
