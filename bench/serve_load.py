@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     model = args.model or default_model()
     engine = Engine(model, threads=args.threads)
     instances = open_dataset(args.dataset)
@@ -255,6 +256,7 @@ def main() -> None:
 
     result = {
         "model": str(model), "engine": repr(engine), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
         "overhead": over, "load": loaded,
         "memory": {"baseline_rss_mb": round(baseline, 1), "after_load_rss_mb": round(after_load, 1),
                    "after_expiry_rss_mb": round(after, 1), "after_expiry_vs_baseline": round(after / baseline, 3),
@@ -275,7 +277,11 @@ def main() -> None:
 def markdown(r: dict) -> str:
     o, ld, m = r["overhead"], r["load"], r["memory"]
     lines = [f"# cfr-serve load test: {r['engine']} ({r['machine']})", "",
-             f"`{r['command']}`", "",
+             f"`{r['command']}`", ""]
+    if "load_average" in r:
+        la = r["load_average"]
+        lines += [f"Load average (1, 5, 15 min) before: {la['before']}, after: {la['after']}.", ""]
+    lines += [
              "## Overhead of one click over HTTP (1 client, interleaved with the in-process Session)", "",
              "| answer | Session.add_click p50 | HTTP round trip p50 | overhead p50 | server_ms p50 | HTTP p99 |",
              "|---|---|---|---|---|---|"]
