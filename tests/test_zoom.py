@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cfr_runtime.disks import net_clicks
 from cfr_runtime.zoom import (
     ZoomParams,
     box_iou,
-    clicks_to_roi,
     expand_box,
     mask_box,
     next_roi,
@@ -190,10 +190,11 @@ def test_next_roi_recomputes_when_a_positive_click_leaves_the_box():
     assert next_roi(current, probs, [], P) == current  # negatives do not move it (they are not passed)
 
 
-def test_clicks_to_roi_official_mapping():
+def test_net_clicks_official_mapping():
+    """Clicks map into the crop as the official `_transform_clicks` does, in float64 (contract 3)."""
     yx = np.array([[10.0, 20.0], [109.0, 219.0], [60.5, 70.25]])
-    out = clicks_to_roi(yx, (10, 109, 20, 219), 448)
-    assert out.dtype == np.float32
-    want = np.stack([448 * (yx[:, 0] - 10) / 100, 448 * (yx[:, 1] - 20) / 200], 1)
-    assert np.allclose(out, want, rtol=0, atol=1e-4)
-    assert out[0].tolist() == [0.0, 0.0] and out[1, 0] == pytest.approx(448 * 99 / 100)
+    out = net_clicks(yx, (10, 109, 20, 219), 448)
+    assert out.dtype == np.float64
+    want = np.stack([(448 * (yx[:, 0] - 10)) / 100, (448 * (yx[:, 1] - 20)) / 200], 1)
+    assert np.array_equal(out, want)
+    assert out[0].tolist() == [0.0, 0.0] and out[1, 0] == 448 * 99 / 100
