@@ -108,7 +108,10 @@ def test_cvat_answer_off_the_event_loop_and_small(engine):
         poller.start()
         try:
             with httpx.Client(base_url=server.url, timeout=120) as c:
-                r = c.post("/cvat/interactor", content=body, headers={"Content-Type": "application/json"})
+                for _ in range(10):  # calls until /health was sampled often enough while they ran (load varies)
+                    r = c.post("/cvat/interactor", content=body, headers={"Content-Type": "application/json"})
+                    if r.status_code != 200 or len(health) >= 5:
+                        break
         finally:
             done.set()
             poller.join(30)
