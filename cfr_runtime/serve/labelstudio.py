@@ -309,6 +309,7 @@ def add_labelstudio_routes(app: FastAPI, ls: LabelStudioConfig | None = None) ->
         if not clicks:  # the last keypoint was deleted: an empty suggestion clears the mask on the page
             return JSONResponse({"results": [{"result": [], "score": 0.0, "model_version": version}]})
         brush_label = schema.brush_label(label)
+        brush_module()  # a missing codec is refused before any work, not after it
         with store.replay(task_key(task_id) + url, fetcher.image(url), clicks, mode, client=who, size=size) as r:
             mask = r.session.mask
             score = float(r.session.probs[mask].mean()) if mask.any() else 0.0
