@@ -15,7 +15,7 @@ Every answer's mask is checked against a local Session fed the same clicks. The 
 includes fetching and decoding the image (from Label Studio for the first two paths; the native session is
 created beforehand, untimed), so it is reported apart from the later clicks.
 
-    python bench/labelstudio_latency.py --dataset ../shared/data/GrabCut --images 15 --clicks 10
+    python bench/labelstudio_latency.py --dataset ../shared/data/GrabCut --limit 15 --clicks 10
 
 Writes labelstudio_latency.json/.md under --out (default out/bench/; the committed results are in
 bench/results/labelstudio/), never over existing files without --overwrite.
@@ -42,6 +42,7 @@ from cfr_runtime import Engine, Session, default_model  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     command,
     dataset_option,
+    limit_option,
     merge_alias,
     model_argument,
     option,
@@ -222,17 +223,17 @@ def markdown(r: dict) -> str:
 @model_argument(required=False, old=["--model"])
 @dataset_option(default=ROOT.parent / "shared" / "data" / "GrabCut",
                 help="GrabCut-style dataset whose images become tasks [default: ../shared/data/GrabCut].")
-@option("--images", type=click.IntRange(min=1), default=15, show_default=True, help="Images (tasks) to annotate.")
+@limit_option(old=["--images"], default=15, help="Only the first N images of the dataset (each a task).")
 @option("--clicks", type=click.IntRange(2, 24), default=10, show_default=True,
         help="RITM clicker clicks per image (the tiny model takes at most 24).")
 @out_option(default=ROOT / "out" / "bench", shown="out/bench",
             help="Folder for the results (pass bench/results/labelstudio to update the committed results on purpose).")
 @overwrite_option("labelstudio_latency.json/.md in --out")
 @option("--force", is_flag=True, hidden=True)  # the old spelling of --overwrite
-def main(model, model_alias, dataset, images, clicks, out, overwrite, force) -> None:
+def main(model, model_alias, dataset, limit, clicks, out, overwrite, force) -> None:
     """Per-click time of cfr-serve MODEL (default: the bundled tiny model) through a real Label Studio vs direct;
     see the module docstring of bench/labelstudio_latency.py."""
-    args = SimpleNamespace(model=merge_alias(model, model_alias, "MODEL"), dataset=dataset, images=images,
+    args = SimpleNamespace(model=merge_alias(model, model_alias, "MODEL"), dataset=dataset, images=limit,
                            clicks=clicks, out=out)
     stem = args.out / "labelstudio_latency"
     if not (overwrite or force):  # refused before minutes of work, not after

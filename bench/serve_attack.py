@@ -745,7 +745,8 @@ def markdown(result: dict, meta: dict) -> str:
 @option("--monitor-source", default="", hidden=True)
 def main(model, model_alias, url, spawn, max_memory_mb, dataset, frames_mp, flood_mp, only, budget_s, timeout, out,
          tag, monitor, monitor_source) -> None:
-    """Replay every attack of issue 16 against a cfr-serve on this machine and print a table of the answers
+    """Replay every attack of issue 16 against a cfr-serve on this machine (--url), or against `cfr-serve MODEL`
+    started for the run (--spawn; MODEL defaults to the bundled tiny model), and print a table of the answers
     (see the module docstring of bench/serve_attack.py)."""
     if monitor:
         return run_monitor(monitor, monitor_source)
