@@ -1,23 +1,29 @@
 """The paper's ablations at small scale: evaluate trained runs with the official NoC protocol.
 
-    python bench/ablations.py --runs icl=RUN_A ritm=RUN_B nosuem=RUN_C icl_seed1=RUN_D \\
+    python bench/ablations.py icl=RUN_A ritm=RUN_B nosuem=RUN_C icl_seed1=RUN_D \\
         --cfr-model trainer/assets/default.pth --size 224
 
 Each run's `model.pth` is exported to ONNX (verified) and evaluated on GrabCut and Berkeley; the CFR
-ablation evaluates one model with StdInfer, CFR-1 and A-CFR-4. Writes bench/results/ablations.{json,md}.
+ablation evaluates one model with StdInfer, CFR-1 and A-CFR-4. Writes bench/results/ablations.{json,md}
+(or -o): rows of other runs stay; a row for a run and mode already there is replaced only with --overwrite.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import click
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cfr_runtime.cli_options import CHECKPOINT, command, option, out_option, overwrite_option  # noqa: E402
+from cfr_runtime.errors import InputError  # noqa: E402
 
 MODES = {"StdInfer": dict(cfr=0), "CFR-1": dict(cfr=1), "A-CFR-4": dict(cfr=4, adaptive=True)}
 
@@ -32,15 +38,34 @@ def evaluate(onnx_path: Path, dataset: Path, **kw) -> dict:
             "seconds": res["seconds"], "miou_per_click": res["miou_per_click"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="*", default=[], help="NAME=RUN_DIR (uses RUN_DIR/model.pth)")
-    ap.add_argument("--cfr-model", type=Path, default=None, help="checkpoint for the StdInfer/CFR-1/A-CFR-4 rows")
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
-    ap.add_argument("--datasets", default="GrabCut,Berkeley")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args()
+@command("ablations.py")
+@click.argument("runs", nargs=-1, metavar="[NAME=RUN_DIR...]")
+@option("--runs", "runs_flag", is_flag=True, hidden=True)  # old spelling: --runs NAME=DIR ... (the list follows)
+@option("--cfr-model", type=CHECKPOINT, default=None, metavar="CHECKPOINT",
+        help="Checkpoint evaluated with StdInfer, CFR-1 and A-CFR-4 (the CFR ablation).")
+@option("--size", type=click.IntRange(16, 4096), default=224, show_default=True, help="Input size of the exports.")
+@option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=ROOT.parent / "shared" / "data",
+        show_default="../shared/data", help="Folder holding the evaluation datasets.")
+@option("--datasets", default="GrabCut,Berkeley", show_default=True, help="Comma list of datasets in --data-root.")
+@out_option(default=ROOT / "bench" / "results", shown="bench/results",
+            help="Folder of ablations.json/.md; rows of other runs already there are kept.")
+@overwrite_option("rows of ablations.json for the same run and mode")
+def main(runs, runs_flag, cfr_model, size, data_root, datasets, out, overwrite) -> None:
+    """Evaluate trained runs (NAME=RUN_DIR: RUN_DIR/model.pth with StdInfer) and the CFR modes of --cfr-model with
+    the official NoC protocol; see the module docstring."""
+    for spec in runs:
+        if "=" not in spec:
+            raise click.UsageError(f"{spec!r}: runs are given as NAME=RUN_DIR")
+    planned = ([("cfr", m) for m in MODES] if cfr_model else []) + [(r.partition("=")[0], "StdInfer") for r in runs]
+    previous = out / "ablations.json"
+    if previous.exists() and not overwrite:
+        done = [(r["run"], r["mode"]) for r in json.loads(previous.read_text())]
+        again = [f"{n} {m}" for n, m in planned if (n, m) in done]
+        if again:
+            raise InputError(f"{previous} already has rows for {', '.join(again)}; pass --overwrite to replace them, "
+                             "or choose another -o")
+    args = SimpleNamespace(runs=list(runs), cfr_model=cfr_model, size=size, data_root=data_root, datasets=datasets,
+                           out=out)
     from export.onnx_export import export_onnx
     from export.verify import verify_onnx
 

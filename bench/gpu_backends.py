@@ -55,11 +55,12 @@ def forward_flops(model, size: int, flip: bool = True) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from cfr_runtime.contract import Contract
     from trainer.models.graph import ContractGraph
 
     graph = ContractGraph(copy.deepcopy(model).float().to("meta"), flip=flip).eval()  # shapes only
     args = (torch.rand(1, 3, size, size, device="meta"), torch.rand(1, 1, size, size, device="meta"),
-            torch.full((1, 48, 3), -1.0, device="meta"))
+            torch.full(Contract(input_size=size, flip=flip).disk_rows_shape, -1.0, device="meta"))
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         graph(*args)

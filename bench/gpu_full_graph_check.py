@@ -1,30 +1,46 @@
 """Check the full-resolution graph on ONNX Runtime's CUDA provider against ONNX Runtime CPU, click by click.
 
-    python bench/gpu_full_graph_check.py --out /tmp/fullcheck            # tiny reference model, 224
-    python bench/gpu_full_graph_check.py --out DIR --checkpoint M.pth --size 448 --clicks 8 --cfr 4
+    python bench/gpu_full_graph_check.py -o /tmp/fullcheck               # tiny reference model, 224
+    python bench/gpu_full_graph_check.py M.pth -o DIR --size 448 --clicks 8 --mode A-CFR-4
 
 Exports the checkpoint with `--graph full`, replays the RITM clicker's clicks of the CPU session on every
 CUDA variant (device OrtValues through IO binding; with and without ONNX Runtime's CUDA graphs) and
 reports the max |probability difference|, mask pixels that disagree, the zoom-in boxes, forwards per click
 and per-click times. Without onnxruntime-gpu or a GPU it runs the CPU part and says what is missing.
-Writes `gpu_full_graph_check.json` under --out; exits 1 when a CUDA variant disagrees past --tolerance.
+Writes `gpu_full_graph_check.json` under -o (never over an earlier one without --overwrite); exits 1 when a
+CUDA variant disagrees past --tolerance.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
+
+from cfr_runtime.cli_options import (  # noqa: E402
+    checkpoint_argument,
+    command,
+    dataset_option,
+    limit_option,
+    merge_alias,
+    mode_option,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+)
+from cfr_runtime.modes import Mode  # noqa: E402
 
 
 def load_work(dataset: Path | None, images: int):
@@ -66,18 +82,40 @@ def compare(ref: dict, got: dict, threshold: float) -> dict:
             "ms_p50": float(np.median(got["ms"][1:] or got["ms"]))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="directory for gpu_full_graph_check.json")
-    ap.add_argument("--checkpoint", type=Path, default=SHARED / "reference" / "official" / "tiny_d8_s1" / "model.pth")
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--dataset", type=Path, default=SHARED / "data" / "GrabCut")
-    ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--cfr", type=int, default=4)
-    ap.add_argument("--tolerance", type=float, default=1e-3, help="max |probability difference| allowed")
-    args = ap.parse_args(argv)
+@command("gpu_full_graph_check.py")
+@checkpoint_argument(required=False, old=["--checkpoint"])
+@option("--size", type=click.IntRange(16, 4096), default=224, show_default=True, help="Input size of the export.")
+@dataset_option(default=SHARED / "data" / "GrabCut", help="Images and ground truth for the clicker "
+                "[default: ../shared/data/GrabCut; generated scenes when it is absent].")
+@limit_option(old=["--images"], default=2, help="Images to check.")
+@option("--clicks", type=click.IntRange(min=1), default=5, show_default=True, help="RITM clicks per image.")
+@mode_option(default="A-CFR-4")
+@option("--cfr", "cfr_n", type=click.IntRange(0, 100), default=None, hidden=True)  # old spelling of --mode A-CFR-n
+@option("--tolerance", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+        help="Largest |probability difference| a CUDA variant may show against ONNX Runtime CPU.")
+@out_option(required=True, help="Folder for gpu_full_graph_check.json.")
+@overwrite_option("gpu_full_graph_check.json in --out")
+def cli(checkpoint, checkpoint_alias, size, dataset, limit, clicks, mode, cfr_n, tolerance, out, overwrite) -> int:
+    """The full-resolution graph of CHECKPOINT [default: the official-format reference model
+    ../shared/reference/official/tiny_d8_s1/model.pth] on ONNX Runtime CUDA against ONNX Runtime CPU, click by
+    click; exit status 1 when a CUDA variant disagrees. See the module docstring."""
+    checkpoint = merge_alias(checkpoint, checkpoint_alias, "CHECKPOINT") or \
+        SHARED / "reference" / "official" / "tiny_d8_s1" / "model.pth"
+    if not overwrite:
+        refuse_existing([out / "gpu_full_graph_check.json"], "pass --overwrite to replace it, or choose another -o")
+    if cfr_n is not None:
+        mode = Mode(cfr_n, cfr_n > 0)
+    args = SimpleNamespace(checkpoint=checkpoint, size=size, dataset=dataset, images=limit, clicks=clicks,
+                           session_kw=mode.session_kwargs(), tolerance=tolerance, out=out)
+    return run(args)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run as from the command line; returns the exit status (1: a CUDA variant disagrees)."""
+    return cli.main(argv, standalone_mode=False)
+
+
+def run(args) -> int:
     import onnxruntime as ort
 
     from cfr_runtime import Engine
@@ -85,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="cfr-fullcheck-"))
     path, contract, _ = export_onnx(args.checkpoint, tmp, size=args.size, graph="full")
-    kw = dict(cfr=args.cfr, adaptive=True)
+    kw = args.session_kw
     available = ort.get_available_providers()
     report = {"onnxruntime": ort.__version__, "providers_available": available, "checkpoint": str(args.checkpoint),
               "size": args.size, "session": kw, "python": platform.python_version(), "images": {}}

@@ -1,37 +1,55 @@
 """Per-click latency of the runtime vs the official-style torch loop, for StdInfer / CFR-1 / CFR-4 / A-CFR-4.
 
-    python bench/latency.py                       # bundled default model, CPU
-    python bench/latency.py --checkpoint M.pth --dataset ../shared/data/GrabCut --images 5
-    python bench/latency.py --arch vit_base --images 1 --clicks 3   # random-init ViT-B at 448
-    python bench/latency.py --graph square,full --no-reference      # both exported contracts, same clicks
+    python bench/latency.py                       # shipped default checkpoint, 3 GrabCut images, CPU
+    python bench/latency.py M.pth --dataset ../shared/data/GrabCut --limit 5
+    python bench/latency.py --arch vit_base --limit 1 --clicks 3   # random-init ViT-B at 448
+    python bench/latency.py --graph square,full --no-reference     # both exported contracts, same clicks
 
 Per click it also reports the host's share: the click's time minus the time inside engine calls (ONNX
 Runtime's run), i.e. what the Session itself costs (zoom-in, resampling, pasting, A-CFR counting).
 
 Clicks come from the RITM clicker on real images (or synthetic scenes), so every backend sees the same
-click sequence. Prints a table and writes JSON + Markdown under out/bench/ (or --out; the committed results
-in bench/results/ are rewritten only with an explicit --out bench/results). p99 is reported from 100 samples up.
+click sequence. Prints progress, a table with the machine and its load average, and writes JSON + Markdown
+under out/bench/ (or --out); existing files are never replaced without --overwrite, so the committed results
+in bench/results/ change only on purpose. p99 is reported from 100 samples up.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_backends import CUDA_ENGINES, available, cuda_engine, forward_flops, matrix_rate_tflops  # noqa: E402
+from bench.machine import describe, machine  # noqa: E402
+from cfr_runtime.cli_options import (  # noqa: E402
+    checkpoint_argument,
+    command,
+    dataset_option,
+    limit_option,
+    merge_alias,
+    mode_option,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+    threads_option,
+)
+from cfr_runtime.modes import Mode  # noqa: E402
 
-MODES = {"StdInfer": dict(cfr=0), "CFR-1": dict(cfr=1), "CFR-4": dict(cfr=4), "A-CFR-4": dict(cfr=4, adaptive=True)}
+MODES = ("StdInfer", "CFR-1", "CFR-4", "A-CFR-4")  # the default set; any name of cfr_runtime.modes runs
 
 
 MIN_SAMPLES_P99 = 100  # below this a "p99" is just the maximum of a handful of samples
@@ -171,44 +189,63 @@ def bare_forward_ms(engine, repeats: int = 10, image: np.ndarray | None = None) 
     return float(np.median(times) * 1000)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=None, help="official or cfr-train checkpoint")
-    ap.add_argument("--arch", default=None, help="benchmark a random-init named arch instead (e.g. vit_base)")
-    ap.add_argument("--size", type=int, default=None,
-                    help="input size (default: the checkpoint's own; 448 with --arch)")
-    ap.add_argument("--dataset", type=Path, default=None, help="images + clicks from this dataset")
-    ap.add_argument("--images", type=int, default=3)
-    ap.add_argument("--clicks", type=int, default=8)
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--engines", default=None,
-                    help="comma list; cpu: ort; cuda: any of " + ", ".join(CUDA_ENGINES) + " (and ort) "
-                         "(default: ort on cpu, every cuda engine that can run on cuda)")
-    ap.add_argument("--no-reference", action="store_true", help="skip the torch reference loop")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--graph", default="square",
-                    help="exported contracts to compare on cpu: square, full or square,full (engines 'ort', "
-                         "'ort-full')")
-    ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench",
-                    help="where JSON + Markdown go (default out/bench; pass bench/results to update the committed "
-                         "results on purpose)")
-    ap.add_argument("--stem", default=None, help="result file name stem (default: from device, arch, size)")
-    return ap
+DEFAULT_DATASET = ROOT.parent / "shared" / "data" / "GrabCut"
+
+
+@command("latency.py")
+@checkpoint_argument(required=False, old=["--checkpoint"])
+@option("--arch", default=None, help="Benchmark a random-init named architecture instead (e.g. vit_base; 448 px).")
+@option("--size", type=click.IntRange(16, 4096), default=None,
+        help="Input size [default: the checkpoint's own; 448 with --arch].")
+@dataset_option(default=DEFAULT_DATASET if DEFAULT_DATASET.is_dir() else None,
+                help="Images (and the clicker's ground truth) from this dataset, or 'synthetic' for generated "
+                     "scenes [default: ../shared/data/GrabCut when present, else synthetic].")
+@limit_option(old=["--images"], default=3, help="Images of the dataset to time.")
+@option("--clicks", type=click.IntRange(min=1), default=8, show_default=True,
+        help="Clicks per image (the RITM clicker's, the same sequence for every backend).")
+@mode_option(many=True, default=",".join(MODES), old=["--modes"])
+@option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]), show_default=True,
+        help="Where the engines and the torch loop run.")
+@option("--engines", default=None, metavar="LIST",
+        help="Comma list; cpu: ort (and ort-full); cuda: any of " + ", ".join(CUDA_ENGINES) + " and ort "
+             "[default: ort on cpu (per --graph), every cuda engine that can run on cuda].")
+@option("--no-reference", is_flag=True, help="Skip the official-style torch reference loop.")
+@threads_option()
+@option("--graph", default="square", show_default=True,
+        help="Exported contracts to compare on cpu: square, full or square,full (engines 'ort', 'ort-full').")
+@out_option(default=ROOT / "out" / "bench", shown="out/bench",
+            help="Folder for the JSON + Markdown (pass bench/results to update the committed results on purpose).")
+@option("--stem", default=None, help="Result file name stem [default: latency_<device>_<arch>_<size>].")
+@overwrite_option("result files of the same stem in --out")
+def cli(checkpoint, checkpoint_alias, arch, size, dataset, limit, clicks, mode, device, engines, no_reference,
+        threads, graph, out, stem, overwrite) -> dict:
+    """Per-click latency of the runtime against the official-style torch loop (StdInfer, CFR-n, A-CFR-n) for
+    CHECKPOINT (default: the shipped trainer/assets/default.pth), exported and timed click by click; see the
+    module docstring of bench/latency.py."""
+    if dataset is not None and str(dataset) == "synthetic":
+        dataset = None
+    args = SimpleNamespace(checkpoint=merge_alias(checkpoint, checkpoint_alias, "CHECKPOINT"), arch=arch, size=size,
+                           dataset=dataset, images=limit, clicks=clicks, modes=",".join(map(str, mode)),
+                           device=device, engines=engines, no_reference=no_reference, threads=threads, graph=graph,
+                           out=out, stem=stem, overwrite=overwrite)
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    unknown = [m for m in args.modes.split(",") if m not in MODES]
-    if unknown:
-        ap.error(f"--modes: unknown mode(s) {unknown}; choose from {','.join(MODES)}")
+    """Run as from the command line (errors print `latency.py: error: ...` and exit 2); returns the results."""
+    return cli.main(argv, standalone_mode=False)
 
+
+def run(args) -> dict:
+    graphs = args.graph.split(",")
+    if not graphs or not set(graphs) <= {"square", "full"}:
+        raise click.BadParameter("takes square, full or square,full", param_hint="--graph")
+    started = machine()
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA GPU on this machine (CPU-only torch build or no driver); "
-                 "use --device cpu")
+        raise click.UsageError("--device cuda: torch sees no CUDA GPU on this machine (CPU-only torch build or no "
+                               "driver); use --device cpu")
 
     from cfr_runtime import Engine, Session
     from export.onnx_export import export_onnx
@@ -237,9 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
 
             args.size = read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0]
         base, info = load_model(ckpt, input_size=args.size)
-    graphs = args.graph.split(",")
-    if not graphs or not set(graphs) <= {"square", "full"}:
-        ap.error("--graph takes square, full or square,full")
+    stem = args.stem or f"latency_{args.device}_{info['arch']}_{args.size}"
+    if not args.overwrite:  # refused before minutes of work, not after
+        refuse_existing([args.out / f"{stem}.json", args.out / f"{stem}.md"],
+                        "pass --overwrite to replace it, or choose another --out or --stem")
+    flops = forward_flops(base, args.size)
+    where = args.dataset or "synthetic scenes (no --dataset)"
+    print(f"latency: {info['arch']} at {args.size} px ({flops / 1e9:.3g} GFLOP per forward with flip) on "
+          f"{args.device}; {args.images} images from {where} x {args.clicks} clicks; modes {args.modes}; "
+          f"{describe(started)}", file=sys.stderr, flush=True)
 
     def fresh_model():
         return copy.deepcopy(base)
@@ -262,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         kinds = [k for k in CUDA_ENGINES if available(k) is None]
     engines, skipped = {}, {}
     for kind in kinds:
+        print(f"latency: preparing engine {kind} (export + load)", file=sys.stderr, flush=True)
         if kind in ("ort", "ort-full"):
             engines[kind] = Engine(onnx_for(False, "full" if kind == "ort-full" else "square"), threads=args.threads)
             continue
@@ -289,7 +333,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     ref_name = f"torch-loop-{args.device}"
     for mode in args.modes.split(","):
-        kw = MODES[mode]
+        kw = Mode.parse(mode).session_kwargs()
+        t_mode = time.perf_counter()
+        print(f"latency: timing {mode} ({len(work)} images x {args.clicks} clicks, "
+              f"{len(engines) + (ref_model is not None)} backends interleaved)", file=sys.stderr, flush=True)
         makers = {name: (lambda e=engine, kw=kw: Session(e, **kw)) for name, engine in engines.items()}
         if ref_model is not None:
             makers[ref_name] = lambda kw=kw: ReferencePredictor(ref_model, size=args.size, device=args.device, **kw)
@@ -297,9 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, res in results.items():
             desc = repr(engines[name]) if name in engines else "official-style eager fp32 loop"
             rows.append({"backend": name, "engine": desc, "mode": mode, **res})
+        print(f"latency: {mode} done in {time.perf_counter() - t_mode:.1f} s", file=sys.stderr, flush=True)
     bare = {name: bare_forward_ms(e, 50 if args.device == "cuda" else 10, image=work[0][1])
             for name, e in engines.items()}
-    flops = forward_flops(base, args.size)
     for r in rows:
         if r["backend"] in bare:
             r["overhead"] = r["per_forward_ms"]["p50"] / bare[r["backend"]]
@@ -314,7 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
             "size": args.size, "flip": True, "device": args.device, "device_name": device_name(args.device),
             "images": len(work), "clicks": args.clicks, "dataset": str(args.dataset) if args.dataset else "synthetic",
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": ort_version(),
-            "bare_forward_ms": bare, "forward_gflop": flops / 1e9, "skipped_engines": skipped}
+            "bare_forward_ms": bare, "forward_gflop": flops / 1e9, "skipped_engines": skipped,
+            "machine": {"start": started, "end": machine()},
+            "command": "python bench/latency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     if args.device == "cuda":
         meta["matrix_rate_tflops"] = {d: matrix_rate_tflops(d) for d in ("bf16", "fp16")}
         meta["cuda"] = torch.version.cuda
@@ -322,7 +371,6 @@ def main(argv: list[str] | None = None) -> dict:
     table = render(rows, meta)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.stem or f"latency_{args.device}_{info['arch']}_{args.size}"
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(f"wrote {args.out / stem}.json and .md")
@@ -347,8 +395,10 @@ def render(rows: list[dict], meta: dict) -> str:
     rate = meta.get("matrix_rate_tflops")
     lines = [f"# Per-click latency: {meta['arch']} at {meta['size']} (flip={meta['flip']}), {meta['device_name']}",
              f"{meta['images']} images x {meta['clicks']} clicks ({meta['dataset']}); times in ms; "
-             f"one forward = {meta['forward_gflop']:.0f} GFLOP; bare forward p50: "
+             f"one forward = {meta['forward_gflop']:.3g} GFLOP; bare forward p50: "
              + ", ".join(f"{k} {v:.2f}" for k, v in meta["bare_forward_ms"].items())]
+    if meta.get("machine"):
+        lines.append(f"machine: {describe(meta['machine']['start'], meta['machine']['end'])}")
     if rate:
         lines.append(f"measured matrix rate of this card (8192^3 products): bf16 {rate['bf16']:.0f}, "
                      f"fp16 {rate['fp16']:.0f} TFLOP/s")
@@ -372,4 +422,4 @@ def render(rows: list[dict], meta: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

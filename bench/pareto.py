@@ -3,7 +3,7 @@ torch loop (export/reference_loop.py).
 
     python bench/pareto.py --dataset ../shared/data/GrabCut      # shipped default: ORT fp32/int8/fp16 + torch loop
     python bench/pareto.py --arch vit_base --dataset ../shared/data/GrabCut --limit 2 --max-clicks 3 \\
-        --modes StdInfer --precisions fp32,int8                   # random-init ViT-B at 448: latency only
+        --mode StdInfer --precisions fp32,int8                    # random-init ViT-B at 448: latency only
     python bench/pareto.py --merge A.shard0of2.json A.shard1of2.json   # runs made with --shard 0/2 and 1/2
 
 Every row runs the official protocol (RITM clicker on its own predictions, stop at IoU 0.95, at most
@@ -17,7 +17,6 @@ Output: JSON + Markdown + a PNG of NoC@90 against ms per click (one labelled poi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,13 +25,30 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.latency import _ms, pct  # noqa: E402  (p99 is None below 100 samples)
+from cfr_runtime.cli_options import (  # noqa: E402
+    CHECKPOINT,
+    checkpoint_problem,
+    command,
+    dataset_option,
+    limit_option,
+    merge_alias,
+    mode_option,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+    threads_option,
+)
+from cfr_runtime.errors import InputError  # noqa: E402
 
 MODES = {
     "StdInfer": dict(cfr=0),
@@ -147,7 +163,7 @@ def merge(paths: list[Path], out: Path, overwrite: bool) -> dict:
     for d in docs[1:]:
         if [(r["engine"], r["precision"], r["mode"]) for r in d["rows"]] != keys or any(
                 d["meta"][k] != meta[k] for k in ("arch", "size", "dataset", "max_clicks", "target_iou")):
-            raise SystemExit("--merge: the files are not shards of one configuration")
+            raise InputError("--merge: the files are not shards of one configuration")
     rows = []
     for k, key in enumerate(keys):
         raw = {f: [x for d in docs for x in d["rows"][k]["raw"][f]] for f in ("ious", "forwards", "first_s", "later_s")}
@@ -166,8 +182,8 @@ def write(table: list[dict], meta: dict, out: Path, overwrite: bool) -> dict:
     if meta.get("shard"):
         stem += f".shard{meta['shard'].replace('/', 'of')}"
     targets = [out / f"{stem}.{ext}" for ext in ("json", "md", "png")]
-    if not overwrite and any(t.exists() for t in targets):
-        raise SystemExit(f"{out / stem}.* exists; pass --overwrite to replace it, or another --out")
+    if not overwrite:
+        refuse_existing(targets, "pass --overwrite to replace it, or choose another --out")
     text = render(table, meta)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,45 +194,81 @@ def write(table: list[dict], meta: dict, out: Path, overwrite: bool) -> dict:
     return {"meta": meta, "rows": table}
 
 
+@command("pareto.py")
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path), metavar="[CHECKPOINT | SHARD.json...]")
+@option("--checkpoint", "checkpoint_alias", type=CHECKPOINT, default=None, hidden=True)  # old spelling
+@option("--arch", default=None, help="A random-init named architecture instead (e.g. vit_base): latency only.")
+@option("--size", type=click.IntRange(16, 4096), default=None,
+        help="Input size [default: the checkpoint's; 448 with --arch].")
+@dataset_option()
+@limit_option()
+@option("--shard", default=None, metavar="I/N", help="Only instances I, I+N, I+2N, ... (combine with --merge).")
+@option("--merge", is_flag=True, help="Combine the JSONs of --shard runs, given as the positional arguments.")
+@option("--max-clicks", type=click.IntRange(1, 1000), default=20, show_default=True,
+        help="Clicks per instance at most (the official protocol: 20).")
+@option("--target-iou", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+        help="Stop an instance once its IoU reaches this.")
+@option("--precisions", default="fp32,int8,fp16", show_default=True, metavar="LIST",
+        help=f"ORT variants to export, verify and time, from {','.join(PRECISIONS)}.")
+@mode_option(many=True, default=",".join(MODES), choices=MODES, old=["--modes"])
+@option("--reference-modes", default=None, metavar="MODES",
+        help="Modes of the torch loop rows [default: --mode; 'none' for none].")
+@threads_option()
+@out_option(help="Output folder [default: a new temporary folder].")
+@overwrite_option("result files of the same name in --out")
+def cli(inputs, checkpoint_alias, arch, size, dataset, limit, shard, merge, max_clicks, target_iou, precisions, mode,
+        reference_modes, threads, out, overwrite) -> dict:
+    """NoC against time per click: CHECKPOINT (default: the shipped trainer/assets/default.pth) exported to ORT
+    fp32/int8/fp16 and timed in every mode beside the official-style torch loop; with --merge, the shard JSONs
+    of --shard runs combined into one table. See the module docstring of bench/pareto.py."""
+    ctx = click.get_current_context()
+    argv = ctx.obj.get("argv") if isinstance(ctx.obj, dict) else None
+    checkpoint = None
+    if not merge:
+        if len(inputs) > 1:
+            raise click.UsageError(f"one CHECKPOINT at most (got {len(inputs)} paths); --merge combines shard JSONs")
+        if inputs:
+            why = checkpoint_problem(inputs[0])
+            if why:
+                raise click.UsageError(why)
+            checkpoint = inputs[0]
+        checkpoint = merge_alias(checkpoint, checkpoint_alias, "CHECKPOINT")
+    elif not inputs:
+        raise click.UsageError("--merge combines the JSONs of --shard runs: give them as arguments")
+    args = SimpleNamespace(checkpoint=checkpoint, arch=arch, size=size, dataset=dataset, limit=limit, shard=shard,
+                           merge=list(inputs) if merge else None, max_clicks=max_clicks, target_iou=target_iou,
+                           precisions=precisions, modes=",".join(map(str, mode)), reference_modes=reference_modes,
+                           threads=threads, out=out, overwrite=overwrite)
+    return run(args, argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped trainer/assets/default.pth")
-    ap.add_argument("--arch", default=None, help="a random-init named arch instead (e.g. vit_base): latency only")
-    ap.add_argument("--size", type=int, default=None, help="input size (default: the checkpoint's; 448 with --arch)")
-    ap.add_argument("--dataset", type=Path, default=None)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N instances")
-    ap.add_argument("--shard", default=None, help="I/N: only instances I, I+N, I+2N, ... (combine with --merge)")
-    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine the JSONs of --shard runs")
-    ap.add_argument("--max-clicks", type=int, default=20)
-    ap.add_argument("--target-iou", type=float, default=0.95)
-    ap.add_argument("--precisions", default="fp32,int8,fp16", help=f"ORT variants, from {','.join(PRECISIONS)}")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"from {','.join(MODES)}")
-    ap.add_argument("--reference-modes", default=None, help="modes of the torch loop rows (default: --modes; "
-                    "'none' for none)")
-    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: the runtime's)")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
-    args = ap.parse_args(argv)
+    """Run as from the command line (errors print `pareto.py: error: ...` and exit 2); returns the results."""
+    return cli.main(argv, standalone_mode=False, obj={"argv": argv})
+
+
+def run(args, argv: list[str] | None) -> dict:
     out = args.out or Path(tempfile.mkdtemp(prefix="cfr-pareto-results-"))
     if args.merge:
         return merge(args.merge, out, args.overwrite)
     if args.dataset is None:
-        ap.error("--dataset is required (or --merge)")
+        raise click.UsageError("--dataset is required (or --merge)")
     shard = (0, 1)
     if args.shard:
         parts = args.shard.split("/")
         if len(parts) != 2 or not all(x.isdigit() for x in parts) or not 0 <= int(parts[0]) < int(parts[1]):
-            ap.error("--shard takes I/N with 0 <= I < N")
+            raise click.BadParameter("takes I/N with 0 <= I < N", param_hint="--shard")
         shard = (int(parts[0]), int(parts[1]))
     for prec in args.precisions.split(","):
         if prec not in PRECISIONS:
-            ap.error(f"unknown precision {prec!r}; choose from {', '.join(PRECISIONS)}")
+            raise click.BadParameter(f"unknown precision {prec!r}; choose from {', '.join(PRECISIONS)}",
+                                     param_hint="--precisions")
     modes = args.modes.split(",")
     ref_modes = modes if args.reference_modes is None else \
         [] if args.reference_modes == "none" else args.reference_modes.split(",")
     for m in modes + ref_modes:
         if m not in MODES:
-            ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+            raise click.BadParameter(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
 
     import torch
 
@@ -241,8 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
     stem = f"pareto_{args.dataset.name}_{arch_name}_{size}"
     if args.shard:
         stem += f".shard{shard[0]}of{shard[1]}"
-    if not args.overwrite and any((out / f"{stem}.{ext}").exists() for ext in ("json", "md", "png")):
-        ap.error(f"{out / stem}.* exists; pass --overwrite to replace it, or another --out")
+    if not args.overwrite:
+        refuse_existing([out / f"{stem}.{ext}" for ext in ("json", "md", "png")],
+                        "pass --overwrite to replace it, or choose another --out")
 
     paths, model, reports = build_variants(ckpt, size, args.precisions.split(","), tmp / "onnx")
     engines, load_s = {}, {}
@@ -361,4 +414,4 @@ def plot(table: list[dict], meta: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

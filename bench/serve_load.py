@@ -11,12 +11,12 @@
 
     python bench/serve_load.py --dataset ../shared/data/GrabCut --clients 16 --clicks 50
 
-Writes serve_load_<tag>.json/.md under --out (default bench/results/).
+Writes serve_load_<tag>.json/.md under --out (default out/bench/; existing files are never replaced without
+--overwrite), with the machine and its load average at the start and the end.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,13 +26,27 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe, machine  # noqa: E402
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime.cli_options import (  # noqa: E402
+    command,
+    dataset_option,
+    merge_alias,
+    model_argument,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+    threads_option,
+)
 from cfr_runtime.clicker import Clicker  # noqa: E402
 from cfr_runtime.datasets import open_dataset  # noqa: E402
 from cfr_runtime.serve.codec import UploadLimits, decode_upload, mask_rle  # noqa: E402
@@ -212,21 +226,38 @@ def wait_expired(server: Server) -> dict:
     return httpx.get(server.url + "/health").json()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="ONNX model (default: the bundled tiny model)")
-    ap.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "data" / "GrabCut")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--clicks", type=int, default=50)
-    ap.add_argument("--overhead-images", type=int, default=3)
-    ap.add_argument("--overhead-rounds", type=int, default=4)
-    ap.add_argument("--idle-timeout", type=float, default=5.0)
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (server and local Session)")
-    ap.add_argument("--tag", default="cpu_tiny")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args()
+@command("serve_load.py")
+@model_argument(required=False, old=["--model"])
+@dataset_option(default=ROOT.parent / "shared" / "data" / "GrabCut",
+                help="GrabCut-style dataset whose images the clients annotate [default: ../shared/data/GrabCut].")
+@option("--clients", type=click.IntRange(min=1), default=16, show_default=True, help="Concurrent annotators.")
+@option("--clicks", type=click.IntRange(min=1), default=50, show_default=True,
+        help="Clicks per client (a reset every 10).")
+@option("--overhead-images", type=click.IntRange(min=1), default=3, show_default=True,
+        help="Images of the one-client overhead measurement.")
+@option("--overhead-rounds", type=click.IntRange(min=1), default=4, show_default=True,
+        help="Rounds over those images, alternating PNG and RLE answers (at least 2).")
+@option("--idle-timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+        help="The server's session idle timeout, seconds (the memory check waits for expiry).")
+@threads_option(help="ONNX Runtime threads, of the server and of the local Session [default: ONNX Runtime's].")
+@option("--tag", default="cpu_tiny", show_default=True, help="Result file name: serve_load_<tag>.json/.md.")
+@out_option(default=ROOT / "out" / "bench", shown="out/bench",
+            help="Folder for the results (pass bench/results to update the committed results on purpose).")
+@overwrite_option("serve_load_<tag>.json/.md in --out")
+def main(model, model_alias, dataset, clients, clicks, overhead_images, overhead_rounds, idle_timeout, threads, tag,
+         out, overwrite) -> None:
+    """Load test of cfr-serve MODEL (default: the bundled tiny model) on localhost: concurrent annotators, the
+    HTTP overhead per click and the memory after expiry; see the module docstring of bench/serve_load.py."""
+    args = SimpleNamespace(model=merge_alias(model, model_alias, "MODEL"), dataset=dataset, clients=clients,
+                           clicks=clicks, overhead_images=overhead_images, overhead_rounds=overhead_rounds,
+                           idle_timeout=idle_timeout, threads=threads, tag=tag, out=out)
+    stem = args.out / f"serve_load_{args.tag}"
+    if not overwrite:  # refused before minutes of load, not after
+        refuse_existing([stem.with_suffix(".json"), stem.with_suffix(".md")],
+                        "pass --overwrite to replace it, or choose another --out or --tag")
+    started = machine()
 
-    model = args.model or default_model()
+    model = str(args.model or default_model())
     engine = Engine(model, threads=args.threads)
     instances = open_dataset(args.dataset)
     n_images = max(args.clients, args.overhead_images)
@@ -255,6 +286,7 @@ def main() -> None:
 
     result = {
         "model": str(model), "engine": repr(engine), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "load_average": {"start": started, "end": machine()},
         "overhead": over, "load": loaded,
         "memory": {"baseline_rss_mb": round(baseline, 1), "after_load_rss_mb": round(after_load, 1),
                    "after_expiry_rss_mb": round(after, 1), "after_expiry_vs_baseline": round(after / baseline, 3),
@@ -262,7 +294,6 @@ def main() -> None:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve_load_{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     md = markdown(result)
     stem.with_suffix(".md").write_text(md)
@@ -275,6 +306,8 @@ def main() -> None:
 def markdown(r: dict) -> str:
     o, ld, m = r["overhead"], r["load"], r["memory"]
     lines = [f"# cfr-serve load test: {r['engine']} ({r['machine']})", "",
+             *([f"machine: {describe(r['load_average']['start'], r['load_average']['end'])}", ""]
+               if "load_average" in r else []),
              f"`{r['command']}`", "",
              "## Overhead of one click over HTTP (1 client, interleaved with the in-process Session)", "",
              "| answer | Session.add_click p50 | HTTP round trip p50 | overhead p50 | server_ms p50 | HTTP p99 |",

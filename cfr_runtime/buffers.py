@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contract import INPUT_POINTS, Contract
+from .contract import INPUT_DISK_ROWS, Contract
 
 
 def alloc_buffers(contract: Contract) -> dict[str, np.ndarray]:
-    """name -> zeroed float32 array of every input and output; the click rows padded with -1 (no click)."""
+    """name -> zeroed float32 array of every input and output; the disk rows padded with -1 (no click)."""
     bufs = {name: np.zeros(shape, np.float32) for name, shape in contract.shapes().items()}
-    bufs[INPUT_POINTS].fill(-1.0)
+    bufs[INPUT_DISK_ROWS].fill(-1.0)
     return bufs

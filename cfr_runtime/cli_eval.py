@@ -1,4 +1,7 @@
-"""`cfr-eval MODEL.onnx --dataset DIR`: NoC@85/90/95 with the official protocol, JSON + plot."""
+"""`cfr-eval [MODEL] --dataset DIR`: NoC@85/90/95 with the official protocol, JSON + Markdown + plot.
+
+Options follow the shared vocabulary of `cfr_runtime.cli_options`; results are never replaced without
+--overwrite (or continued with --resume)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,21 @@ from pathlib import Path
 
 import click
 
+from .cli_options import (
+    backend_option,
+    command,
+    dataset_option,
+    limit_option,
+    mode_option,
+    model_argument,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+    threads_option,
+)
 from .errors import CfrError, InputError
+from .modes import MAX_CFR, Mode
 
 
 def _plot(result: dict, path: Path, title: str) -> None:
@@ -69,7 +86,9 @@ class _Journal:
         try:
             old = json.loads(lines[0])
         except json.JSONDecodeError:
-            raise CfrError(f"{path}: not a cfr-eval journal; delete it or run without --resume") from None
+            old = None
+        if not isinstance(old, dict):  # valid JSON but not a header (e.g. `42`) is no journal either
+            raise CfrError(f"{path}: not a cfr-eval journal; delete it or run without --resume")
         differ = sorted(k for k in header if old.get(k) != header[k])
         if differ:
             raise CfrError(f"{path}: --resume with other settings than the interrupted run ("
@@ -126,50 +145,89 @@ def _cfr_clicks(ctx, param, value: str) -> int | None:
     return k
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--dataset", "dataset_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Dataset folder (released layout or images/ + masks/).")
-@click.option("--mask-encoding", type=click.Choice(["grabcut", "anynonzero"]), default=None,
-              help="Override the mask encoding guessed from the folder name.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True,
-              help="Engine backend.")
-@click.option("--cfr", "cfr_n", type=click.IntRange(0, 100), default=0, show_default=True,
-              help="CFR-n: extra forwards per click.")
-@click.option("--acfr", is_flag=True, help="Adaptive CFR (needs --cfr N): stop when <= --acfr-threshold "
-              "pixels change.")
-@click.option("--acfr-threshold", type=click.IntRange(min=0), default=20, show_default=True)
-@click.option("--cfr-clicks", default="1", show_default=True, callback=_cfr_clicks,
-              help="Apply CFR to the first K clicks, or 'all'.")
-@click.option("--no-zoom", is_flag=True, help="Disable zoom-in (whole image resized to the input size).")
-@click.option("--max-clicks", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--target-iou", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
-              help="Stop an instance once its IoU reaches this (0 < t <= 1).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N instances.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Summary JSON (+ .md, .png); finished instances go to <json>.jsonl as they end.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from <json>.jsonl (same options).")
-@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="mIoU-vs-clicks PNG (default: next to --json).")
-def main(model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str, cfr_n: int, acfr: bool,
-         acfr_threshold: int, cfr_clicks: int | None, no_zoom: bool, max_clicks: int, target_iou: float,
-         limit: int | None, json_out: Path | None, resume: bool, plot_out: Path | None) -> None:
-    """Evaluate MODEL (exported by cfr-export) on a dataset with the official NoC protocol."""
-    if acfr and cfr_n == 0:
-        raise click.UsageError("--acfr adapts the CFR forwards of --cfr N; give --cfr N (e.g. --cfr 4 --acfr)")
+def _mode(ctx: click.Context, mode: Mode, cfr_n: int | None, acfr: bool) -> Mode:
+    """--mode, or the old spelling --cfr N [--acfr] (hidden aliases)."""
+    if acfr and not cfr_n:
+        raise click.UsageError("--acfr adapts the CFR forwards of --cfr N; give --cfr N (e.g. --cfr 4 --acfr), "
+                               "or --mode A-CFR-4")
+    if cfr_n is None:
+        return mode
+    if ctx.get_parameter_source("mode") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--cfr/--acfr are the old spelling of --mode; give only --mode (e.g. --mode A-CFR-4)")
+    return Mode(cfr_n, acfr and cfr_n > 0)
+
+
+@command("cfr-eval")
+@model_argument(required=False)
+@dataset_option(required=True)
+@option("--mask-encoding", type=click.Choice(["grabcut", "anynonzero"]), default=None,
+        help="Override the mask encoding guessed from the folder name.")
+@backend_option()
+@threads_option()
+@mode_option()
+@option("--cfr", "cfr_n", type=click.IntRange(0, MAX_CFR), default=None, hidden=True)  # old: --cfr N [--acfr]
+@option("--acfr", is_flag=True, hidden=True)
+@option("--acfr-threshold", type=click.IntRange(min=0), default=20, show_default=True,
+        help="A-CFR stops once at most this many mask pixels change between two forwards.")
+@option("--cfr-clicks", default="1", show_default=True, callback=_cfr_clicks,
+        help="Apply CFR to the first K clicks, or 'all' (the same as a mode ending in -all).")
+@option("--no-zoom", is_flag=True, help="Disable zoom-in (whole image resized to the input size).")
+@option("--max-clicks", type=click.IntRange(1, 1000), default=20, show_default=True,
+        help="Clicks per instance at most (the official protocol: 20).")
+@option("--target-iou", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+        help="Stop an instance once its IoU reaches this (0 < t <= 1).")
+@limit_option()
+@out_option(help="Write the results to DIR/<dataset>_<mode>.json (+ .md, .png, .jsonl).")
+@option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+        help="Summary JSON under this exact name (+ .md, .png); finished instances go to <json>.jsonl as they end.")
+@option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+        help="mIoU-vs-clicks PNG (default: next to the JSON).")
+@option("--resume", is_flag=True, help="Continue an interrupted run from <json>.jsonl (same options).")
+@overwrite_option("the results of an earlier run (json, md, png, jsonl)")
+@click.pass_context
+def main(ctx: click.Context, model: Path | None, dataset: Path, mask_encoding: str | None, backend: str,
+         threads: int | None, mode: Mode, cfr_n: int | None, acfr: bool, acfr_threshold: int,
+         cfr_clicks: int | None, no_zoom: bool, max_clicks: int, target_iou: float, limit: int | None,
+         out: Path | None, json_out: Path | None, plot_out: Path | None, resume: bool, overwrite: bool) -> None:
+    """Evaluate MODEL (an ONNX graph or TensorRT plan from cfr-export; default: the bundled default model) on a
+    dataset with the official NoC protocol."""
+    dataset_dir = dataset
+    mode = _mode(ctx, mode, cfr_n, acfr)
+    if mode.every_click:
+        if ctx.get_parameter_source("cfr_clicks") is not click.core.ParameterSource.DEFAULT and cfr_clicks:
+            raise click.UsageError(f"--mode {mode} refines every click; drop --cfr-clicks")
+        cfr_clicks = None
+    if out is not None and json_out is not None:
+        raise click.UsageError("give -o/--out DIR (files named after the dataset and mode) or --json FILE, not both")
+    if out is not None:
+        name = str(Mode(mode.cfr, mode.adaptive, mode.cfr > 0 and cfr_clicks is None))
+        if mode.cfr and cfr_clicks not in (None, 1):
+            name += f"-first{cfr_clicks}"
+        json_out = out / f"{dataset_dir.name}_{name}.json"
+    if resume and overwrite:
+        raise click.UsageError("--resume continues the earlier run and --overwrite starts over; give one of them")
     if resume and json_out is None:
         raise click.UsageError("--resume continues the <json>.jsonl of a --json run; give the same --json")
     if json_out is not None and json_out.suffix == ".jsonl":
         raise click.UsageError("--json names the summary (e.g. results/grabcut.json); the per-instance journal "
                                "goes beside it as .jsonl")
-    if model.suffix.lower() in (".pth", ".pt", ".ckpt"):
-        raise click.UsageError(f"{model} is a checkpoint; export it first: cfr-export {model} -o DIR, then "
-                               "cfr-eval DIR/model.onnx")
+    if json_out is not None:
+        plot_out = plot_out or json_out.with_suffix(".png")
+    if not overwrite and not resume:
+        targets = [json_out, json_out.with_suffix(".md"), json_out.with_suffix(".jsonl")] if json_out else []
+        refuse_existing(targets + ([plot_out] if plot_out else []),
+                        "pass --overwrite to replace it" + (", or --resume to continue that run" if json_out else ""))
+    if model is None:
+        from . import default_model
+
+        model = Path(default_model())
+    acfr_mode = mode.adaptive
+    cfr_n = mode.cfr
     state: dict = {}
     try:
-        result, engine, mode = _run(state, model, dataset_dir, mask_encoding, backend, cfr_n, acfr,
-                                    acfr_threshold, cfr_clicks, no_zoom, max_clicks, target_iou, limit, json_out,
-                                    resume)
+        result, engine, mode_name = _run(state, model, dataset_dir, mask_encoding, backend, threads, cfr_n,
+                                         acfr_mode, acfr_threshold, cfr_clicks, no_zoom, max_clicks, target_iou,
+                                         limit, json_out, resume)
     except (CfrError, OSError) as exc:  # OSError: a disk that fills up or a folder removed mid-run
         click.echo(f"cfr-eval: error: {exc}", err=True)
         _kept(state.get("journal"))
@@ -181,18 +239,17 @@ def main(model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str
     finally:
         if state.get("journal") is not None:
             state["journal"].close()
-    result.update(model=str(model), dataset=dataset_dir.name, engine=repr(engine), mode=mode,
+    result.update(model=str(model), dataset=dataset_dir.name, engine=repr(engine), mode=mode_name,
                   cfr_clicks="all" if cfr_clicks is None else str(cfr_clicks), zoom_in=not no_zoom)
-    click.echo(f"{engine!r}  mode={mode}  instances={len(result['instances'])}  {result['seconds']:.1f}s")
+    click.echo(f"{engine!r}  mode={mode_name}  instances={len(result['instances'])}  {result['seconds']:.1f}s")
     click.echo(format_table(dataset_dir.name, result))
     if json_out is not None:
         _write_atomic(json_out, json.dumps(result, indent=1, allow_nan=False))
         _write_atomic(json_out.with_suffix(".md"),
-                      f"{engine!r}, mode {mode}\n\n{format_table(dataset_dir.name, result)}\n")
+                      f"{engine!r}, mode {mode_name}\n\n{format_table(dataset_dir.name, result)}\n")
         click.echo(f"wrote {json_out} and {json_out.with_suffix('.md').name}")
-        plot_out = plot_out or json_out.with_suffix(".png")
     if plot_out is not None:
-        _plot(result, plot_out, f"{dataset_dir.name}: {mode}, {model.name}")
+        _plot(result, plot_out, f"{dataset_dir.name}: {mode_name}, {model.name}")
         click.echo(f"wrote {plot_out}")
 
 
@@ -202,9 +259,9 @@ def _kept(journal: _Journal | None) -> None:
                    "command with --resume to continue", err=True)
 
 
-def _run(state: dict, model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str, cfr_n: int, acfr: bool,
-         acfr_threshold: int, cfr_clicks: int | None, no_zoom: bool, max_clicks: int, target_iou: float,
-         limit: int | None, json_out: Path | None, resume: bool):
+def _run(state: dict, model: Path, dataset_dir: Path, mask_encoding: str | None, backend: str, threads: int | None,
+         cfr_n: int, acfr: bool, acfr_threshold: int, cfr_clicks: int | None, no_zoom: bool, max_clicks: int,
+         target_iou: float, limit: int | None, json_out: Path | None, resume: bool):
     from tqdm import tqdm
 
     from .datasets import open_dataset
@@ -212,7 +269,7 @@ def _run(state: dict, model: Path, dataset_dir: Path, mask_encoding: str | None,
     from .evaluate import evaluate_dataset
     from .session import Session
 
-    engine = Engine(model, backend=backend)
+    engine = Engine(model, backend=backend, threads=threads)
     if max_clicks > engine.contract.max_points:
         raise InputError(f"--max-clicks {max_clicks} exceeds the model's click capacity ({engine.contract.max_points} "
                          f"per sign); use --max-clicks <= {engine.contract.max_points}, or re-export with "
@@ -222,8 +279,7 @@ def _run(state: dict, model: Path, dataset_dir: Path, mask_encoding: str | None,
     instances = open_dataset(dataset_dir, mask_encoding)[:limit]
     if not instances:
         raise InputError(f"{dataset_dir}: the dataset has no instances (no image/mask pairs found)")
-    mode = f"CFR-{cfr_n}" if cfr_n else "StdInfer"
-    mode = ("A-" + mode) if acfr and cfr_n else mode
+    mode = str(Mode(cfr_n, acfr))
     journal = None
     if json_out is not None:
         try:

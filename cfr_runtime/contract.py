@@ -8,7 +8,11 @@ Two graphs exist, chosen at export time (`graph` in the metadata):
 - "full": the whole forward at the image's own resolution: crop-resize of the uint8 image and of the
   previous probabilities through host-made index/weight tables, click mapping, disks, flip, sigmoid,
   paste-back, and the few numbers the host needs next (box of probs > 0.5, A-CFR change count).
-Version 1 files (before "full" existed) carry no `graph` field and load as "square".
+Version 3 changed the click input of both graphs: instead of click coordinates (`points` / `clicks`) that the
+graph turned into disks in float32, the host decides every disk pixel with the official float64 arithmetic
+(`cfr_runtime.disks`) and the graph only places the rows it is given (`disk_rows`), for the plain and the
+flipped click. Files of versions 1 and 2 still parse (their metadata can be read), but no engine runs them:
+their disks differ from the official ones on tied pixels, so they are refused with the re-export command.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import numpy as np
 
 from .errors import ContractError, InputError
 
-CONTRACT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: square graph only, no `graph` / image-size fields
+CONTRACT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1: square graph only, no `graph` / image-size fields
+RUNNABLE_VERSIONS = (3,)  # versions 1-2 take click coordinates and draw float32 disks (see the docstring)
 
 GRAPH_SQUARE = "square"
 GRAPH_FULL = "full"
@@ -29,17 +34,20 @@ GRAPHS = (GRAPH_SQUARE, GRAPH_FULL)
 
 INPUT_IMAGE = "image"  # (1, 3, S, S) float32 RGB in [0, 1]
 INPUT_PREV_MASK = "prev_mask"  # (1, 1, S, S) float32 probabilities
-INPUT_POINTS = "points"  # (1, 2P, 3) float32 (y, x, order); P positives then P negatives; pad -1
+# (1, F, 2P, K, 3) float32 integers: per click, K = 2 * disk_radius + 2 rows (row, first column, end column
+# (exclusive)) of its disk in network pixels, decided on the host (`cfr_runtime.disks`); row -1: no row.
+# F = 2 with flip (index 0 the clicks, 1 the flipped clicks), else 1; P positives from click 0, then P negatives.
+# Both graphs take it; the leading 1 is the batch.
+INPUT_DISK_ROWS = "disk_rows"
 OUTPUT_PROBS = "probs"  # (1, 1, S, S) float32, sigmoid applied
 
-INPUT_NAMES = (INPUT_IMAGE, INPUT_PREV_MASK, INPUT_POINTS)
+INPUT_NAMES = (INPUT_IMAGE, INPUT_PREV_MASK, INPUT_DISK_ROWS)
 OUTPUT_NAMES = (OUTPUT_PROBS,)
 
 # ---- the full-resolution graph ("full"); H x W is the image's own size, dynamic within the recorded limits
 FULL_IMAGE = "image_u8"  # (1, H, W, 3) uint8 RGB as the app holds it
 FULL_PREV = "prev_probs"  # (H, W) float32, the previous forward's full-resolution probabilities
-FULL_CLICKS = "clicks"  # (2P, 3) float32 (y, x, order) in image pixels; P positives then P negatives; pad -1
-FULL_ROI = "roi"  # (4,) float32 zoom-in box (r0, r1, c0, c1), inclusive, integers
+FULL_DISK_ROWS = INPUT_DISK_ROWS  # the clicks, mapped into the zoom-in crop on the host (as the square graph's)
 FULL_THRESHOLDS = "thresholds"  # (2,) float32: (mask threshold for the A-CFR count, zoom-in prob threshold)
 FULL_CROP_INDEX = "crop_index"  # (4, S) int64: row i0, row i1, col i0, col i1 of the crop-resize
 FULL_CROP_WEIGHT = "crop_weight"  # (4, S) float32: row w0, row w1, col w0, col w1
@@ -52,15 +60,14 @@ FULL_OUT_BOX = "mask_box"  # (4,) int64 (rmin, rmax, cmin, cmax) of probs > zoom
 FULL_OUT_CHANGED = "changed"  # (1,) int64 pixels whose (p > mask threshold) differs from prev_probs's
 FULL_OUT_NET = "net_probs"  # (S, S) float32 probabilities before paste-back (undo history keeps these)
 
-FULL_INPUT_NAMES = (FULL_IMAGE, FULL_PREV, FULL_CLICKS, FULL_ROI, FULL_THRESHOLDS, FULL_CROP_INDEX,
-                    FULL_CROP_WEIGHT, FULL_PASTE_ROWS, FULL_PASTE_ROW_W, FULL_PASTE_COLS, FULL_PASTE_COL_W)
+FULL_INPUT_NAMES = (FULL_IMAGE, FULL_PREV, FULL_DISK_ROWS, FULL_THRESHOLDS, FULL_CROP_INDEX, FULL_CROP_WEIGHT,
+                    FULL_PASTE_ROWS, FULL_PASTE_ROW_W, FULL_PASTE_COLS, FULL_PASTE_COL_W)
 FULL_OUTPUT_NAMES = (FULL_OUT_PROBS, FULL_OUT_BOX, FULL_OUT_CHANGED, FULL_OUT_NET)
-FULL_SMALL_INPUTS = (FULL_CLICKS, FULL_ROI, FULL_THRESHOLDS, FULL_CROP_INDEX, FULL_CROP_WEIGHT,
+FULL_SMALL_INPUTS = (FULL_DISK_ROWS, FULL_THRESHOLDS, FULL_CROP_INDEX, FULL_CROP_WEIGHT,
                      FULL_PASTE_ROWS, FULL_PASTE_ROW_W, FULL_PASTE_COLS, FULL_PASTE_COL_W)
 DIM_H, DIM_W = "H", "W"  # symbolic dims of the full graph
 
-# Default image-size limits of a full graph. Clicks map into the crop in float32 as S * (y - r0) / h; that
-# equals the official float64 mapping rounded to float32 while S * side < 2**24 (all operands exact).
+# Default image-size limits of a full graph (crop/paste tables and the A-CFR count stay exact well past them).
 DEFAULT_MAX_SIDE = 8192
 DEFAULT_OPT_SIDE = 1024
 
@@ -91,12 +98,25 @@ class Contract:
     min_image: tuple[int, int] = (1, 1)
     opt_image: tuple[int, int] = (DEFAULT_OPT_SIDE, DEFAULT_OPT_SIDE)
     max_image: tuple[int, int] = (DEFAULT_MAX_SIDE, DEFAULT_MAX_SIDE)
-    # full graph only: flipped clicks as the official float64 value rounded once (False: as the square graph)
-    exact_flip: bool = False
 
     @property
     def full(self) -> bool:
         return self.graph == GRAPH_FULL
+
+    @property
+    def disk_rows_shape(self) -> tuple[int, int, int, int, int]:
+        """(1, F, 2P, K, 3) of `disk_rows`: F = 2 with flip, K = 2 * disk_radius + 2 rows per click."""
+        return (1, 2 if self.flip else 1, 2 * self.max_points, 2 * self.disk_radius + 2, 3)
+
+    def check_runnable(self, source: str = "model") -> None:
+        """Refuse a file whose graph decides click disks itself in float32 (contract versions 1 and 2)."""
+        if self.contract_version not in RUNNABLE_VERSIONS:
+            raise ContractError(
+                f"{source}: exported by an older cfr-export (contract version {self.contract_version}): its graph "
+                "draws click disks in float32, which differs from the official float64 decision on pixels at "
+                "exactly the disk radius, so it is not run. Re-export the checkpoint with this package's "
+                "cfr-export (same command), which writes contract version "
+                f"{CONTRACT_VERSION}")
 
     def input_names(self) -> tuple[str, ...]:
         return FULL_INPUT_NAMES if self.full else INPUT_NAMES
@@ -108,11 +128,11 @@ class Contract:
         """name -> (shape, numpy dtype) of every tensor; the full graph's H / W symbolic unless given."""
         if not self.full:
             return {name: (shape, np.float32) for name, shape in self.shapes().items()}
-        s, p = self.input_size, self.max_points
+        s = self.input_size
         f32, i64 = np.float32, np.int64
         return {
-            FULL_IMAGE: ((1, h, w, 3), np.uint8), FULL_PREV: ((h, w), f32), FULL_CLICKS: ((2 * p, 3), f32),
-            FULL_ROI: ((4,), f32), FULL_THRESHOLDS: ((2,), f32), FULL_CROP_INDEX: ((4, s), i64),
+            FULL_IMAGE: ((1, h, w, 3), np.uint8), FULL_PREV: ((h, w), f32), FULL_DISK_ROWS: (self.disk_rows_shape, f32),
+            FULL_THRESHOLDS: ((2,), f32), FULL_CROP_INDEX: ((4, s), i64),
             FULL_CROP_WEIGHT: ((4, s), f32), FULL_PASTE_ROWS: ((2, h), i64), FULL_PASTE_ROW_W: ((2, h), f32),
             FULL_PASTE_COLS: ((2, w), i64), FULL_PASTE_COL_W: ((2, w), f32),
             FULL_OUT_PROBS: ((h, w), f32), FULL_OUT_BOX: ((4,), i64), FULL_OUT_CHANGED: ((1,), i64),
@@ -130,11 +150,11 @@ class Contract:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self.full:
             return {name: shape for name, (shape, _) in self.io().items()}
-        s, p = self.input_size, self.max_points
+        s = self.input_size
         return {
             INPUT_IMAGE: (1, 3, s, s),
             INPUT_PREV_MASK: (1, 1, s, s),
-            INPUT_POINTS: (1, 2 * p, 3),
+            INPUT_DISK_ROWS: self.disk_rows_shape,
             OUTPUT_PROBS: (1, 1, s, s),
         }
 
@@ -175,7 +195,8 @@ class Contract:
 # buffer per session already; beyond that a file is corrupt or hostile, not a model.
 MAX_INPUT_SIZE = 4096
 MAX_POINTS_LIMIT = 4096
-MAX_IMAGE_SIDE = 1 << 16  # full graph: image sides a file may declare (exact click mapping needs S * side < 2**24)
+MAX_IMAGE_SIDE = 1 << 16  # full graph: image sides a file may declare
+MAX_DISK_RADIUS = 64  # the official models use 5; the host writes 2 * radius + 2 rows per click
 
 
 def _is_int(v: object) -> bool:
@@ -196,7 +217,7 @@ def validate_metadata(data: dict, source: str = "model") -> None:
         "input_size": (lambda v: _is_int(v) and 1 <= v <= MAX_INPUT_SIZE, f"an integer in [1, {MAX_INPUT_SIZE}]"),
         "max_points": (lambda v: _is_int(v) and 1 <= v <= MAX_POINTS_LIMIT,
                        f"an integer in [1, {MAX_POINTS_LIMIT}]"),
-        "disk_radius": (lambda v: _is_int(v) and 0 <= v <= MAX_INPUT_SIZE, "a non-negative integer"),
+        "disk_radius": (lambda v: _is_int(v) and 0 <= v <= MAX_DISK_RADIUS, f"an integer in [0, {MAX_DISK_RADIUS}]"),
         "flip": (lambda v: isinstance(v, bool), "true or false"),
         "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
                       "a number strictly between 0 and 1"),
@@ -205,7 +226,6 @@ def validate_metadata(data: dict, source: str = "model") -> None:
         "checkpoint_sha256": (lambda v: isinstance(v, str), "a string"),
         "package_version": (lambda v: isinstance(v, str), "a string"),
         "graph": (lambda v: isinstance(v, str), "a graph kind name"),
-        "exact_flip": (lambda v: isinstance(v, bool), "true or false"),
         **{key: (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(d) and 1 <= d <= MAX_IMAGE_SIDE
                                                                                  for d in v),
                  f"[H, W] with integer sides in [1, {MAX_IMAGE_SIDE}]")

@@ -1,7 +1,7 @@
 """Engine: one loaded network on one backend, shared by many sessions; each session gets its own Runner.
 
-A Runner owns the contract's input/output buffers, bound once to the backend, so a click writes a few
-bytes of points in place and runs: no per-forward allocation and no feed dictionaries. Engines of the
+A Runner owns the contract's input/output buffers, bound once to the backend, so a click writes its disk rows
+(a few kilobytes) in place and runs: no per-forward allocation and no feed dictionaries. Engines of the
 full-resolution contract (`contract.full`) hand out `cfr_runtime.full_runner.FullRunner`s instead, which
 keep the image and the probability maps in the backend's memory.
 """
@@ -27,7 +27,7 @@ class Runner(Protocol):
 
     image: np.ndarray  # (1, 3, S, S) float32
     prev_mask: np.ndarray  # (1, 1, S, S) float32
-    points: np.ndarray  # (1, 2P, 3) float32
+    disk_rows: np.ndarray  # (1, F, 2P, K, 3) float32, written by `cfr_runtime.disks`
     image_dirty: bool  # set by the Session after writing `image`; device backends upload it then
 
     def run(self) -> np.ndarray: ...

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 
@@ -26,8 +26,8 @@ def _as_ordinary_file(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600; an artifact is an ordinary file
 
 
-@contextmanager
-def staged_file(final: str | os.PathLike, suffix: str = ".partial", folder: bool = False) -> Iterator[Path]:
+def staged_file(final: str | os.PathLike, suffix: str = ".partial", folder: bool = False
+                ) -> AbstractContextManager[Path]:
     """A new empty file to write `final`'s content to, on the same filesystem (so `commit` is an atomic rename),
     with an ordinary file's permissions; deleted if the block raises. The block commits it once the content is
     good (or hands it to a caller that verifies first).
@@ -38,6 +38,11 @@ def staged_file(final: str | os.PathLike, suffix: str = ".partial", folder: bool
     and scratch files (a trace, a quantizer's intermediates) can go there too. The folder and whatever is left
     in it are removed when the block ends, whether it succeeded or not.
     """
+    return _staged(final, suffix, folder)
+
+
+def _stage(final: str | os.PathLike, suffix: str, folder: bool) -> Iterator[Path]:
+    """The generator behind `staged_file` (undecorated, so mutation testing can reach its lines)."""
     final = Path(final)
     if folder:
         stage_dir = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix))
@@ -98,3 +103,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+_staged = contextmanager(_stage)

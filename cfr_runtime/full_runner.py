@@ -5,8 +5,10 @@ reads map `cur` as `prev_probs` and writes the other one (ping-pong), so CFR / A
 the map: the host sees only the box of probs > 0.5 and the A-CFR change count (a few bytes). The map is
 copied out once per click (`probs()`, for the app's mask) and written back only on undo.
 
-Backends implement six primitives on their own buffers; this class owns the small host inputs (click rows,
-ROI, thresholds, crop/paste tables) and which of them changed since the last upload.
+Backends implement six primitives on their own buffers; this class owns the small host inputs (the clicks'
+disk rows, thresholds, crop/paste tables) and which of them changed since the last upload. The disk rows
+depend on the clicks and the zoom-in box: they are decided here with the official float64 arithmetic
+(`cfr_runtime.disks`) whenever either changed, exactly as the square Session decides them.
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from .contract import (
-    FULL_CLICKS,
     FULL_CROP_INDEX,
     FULL_CROP_WEIGHT,
+    FULL_DISK_ROWS,
     FULL_PASTE_COL_W,
     FULL_PASTE_COLS,
     FULL_PASTE_ROW_W,
     FULL_PASTE_ROWS,
-    FULL_ROI,
     FULL_SMALL_INPUTS,
     FULL_THRESHOLDS,
     Contract,
 )
+from .disks import write_disk_rows
 from .errors import StateError
 from .resample import crop_tables, paste_axis
 from .zoom import Box
@@ -43,6 +45,9 @@ class FullRunner(ABC):
         self._dirty: set[str] = set()
         self._cur = 0  # which map buffer holds the current probabilities
         self._roi: Box | None = None
+        self._yx = np.zeros((0, 2), np.float64)  # the clicks (y, x) in image pixels, in click order
+        self._positive = np.zeros(0, bool)
+        self._disks_stale = False
 
     # ---- what the Session calls -------------------------------------------------------------------
     def set_image(self, rgb: np.ndarray) -> None:
@@ -51,8 +56,9 @@ class FullRunner(ABC):
         self.contract.check_image_size(h, w)
         io = self.contract.io(h, w)
         self.small = {name: np.zeros(io[name][0], io[name][1]) for name in FULL_SMALL_INPUTS}
-        self.small[FULL_CLICKS].fill(-1)
+        self.small[FULL_DISK_ROWS].fill(-1)
         self.shape, self._cur, self._roi = (h, w), 0, None
+        self.set_clicks(np.zeros((0, 2)), np.zeros(0, bool))
         self._bind(np.ascontiguousarray(rgb)[None])
         self._dirty = set(FULL_SMALL_INPUTS)
 
@@ -64,15 +70,16 @@ class FullRunner(ABC):
         crop_tables(roi, s, sm[FULL_CROP_INDEX], sm[FULL_CROP_WEIGHT])
         paste_axis(roi[0], roi[1], s, sm[FULL_PASTE_ROWS], sm[FULL_PASTE_ROW_W])
         paste_axis(roi[2], roi[3], s, sm[FULL_PASTE_COLS], sm[FULL_PASTE_COL_W])
-        sm[FULL_ROI][...] = roi
         self._roi = roi
-        self._dirty |= {FULL_ROI, FULL_CROP_INDEX, FULL_CROP_WEIGHT, FULL_PASTE_ROWS, FULL_PASTE_ROW_W,
-                        FULL_PASTE_COLS, FULL_PASTE_COL_W}
+        self._disks_stale = True
+        self._dirty |= {FULL_CROP_INDEX, FULL_CROP_WEIGHT, FULL_PASTE_ROWS, FULL_PASTE_ROW_W, FULL_PASTE_COLS,
+                        FULL_PASTE_COL_W}
 
-    def set_clicks(self, rows: np.ndarray) -> None:
-        """(2P, 3) click rows in image pixels, -1 padded."""
-        self.small[FULL_CLICKS][...] = rows
-        self._dirty.add(FULL_CLICKS)
+    def set_clicks(self, yx: np.ndarray, positive: np.ndarray) -> None:
+        """The clicks so far: (n, 2) (y, x) in image pixels and (n,) positive flags, in click order."""
+        self._yx = np.asarray(yx, np.float64).reshape(-1, 2)
+        self._positive = np.asarray(positive, bool).reshape(-1)
+        self._disks_stale = True
 
     def set_thresholds(self, mask_threshold: float, zoom_threshold: float) -> None:
         self.small[FULL_THRESHOLDS][...] = (mask_threshold, zoom_threshold)
@@ -82,6 +89,14 @@ class FullRunner(ABC):
         """One forward: prev map -> new map (swapped in place); returns (box of probs > 0.5 or None, changed)."""
         if self.shape is None:
             raise StateError("full runner: set_image() before run()")
+        if self._roi is None:
+            raise StateError("full runner: set_roi() before run()")
+        if self._disks_stale:
+            c = self.contract
+            write_disk_rows(self.small[FULL_DISK_ROWS], self._yx, self._positive, self._roi, c.input_size,
+                            c.disk_radius)
+            self._disks_stale = False
+            self._dirty.add(FULL_DISK_ROWS)
         if self._dirty:
             self._upload(sorted(self._dirty))
             self._dirty.clear()

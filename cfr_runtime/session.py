@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .disks import write_disk_rows
 from .engine import Engine
 from .errors import InputError, ModelOutputError, StateError
 from .resample import Resampler
-from .zoom import Box, ZoomParams, clicks_to_roi, next_roi, next_roi_from_box
+from .zoom import Box, ZoomParams, next_roi, next_roi_from_box
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ class Session:
         self.forwards.clear()
         self._clear_probs()
         self._cached_roi: Box | None = None
+        self._disks_key: tuple | None = None
 
     def _clear_probs(self) -> None:
         self._roi: Box | None = None
@@ -256,7 +258,7 @@ class Session:
             else:
                 arrays += [self._probs, self._spare, *self._masks, self._roi_hwc]
         runner = self._runner
-        arrays += [a for a in (getattr(runner, n, None) for n in ("image", "prev_mask", "points"))
+        arrays += [a for a in (getattr(runner, n, None) for n in ("image", "prev_mask", "disk_rows"))
                    if isinstance(a, np.ndarray)]
         return int(sum(a.nbytes for a in arrays))
 
@@ -297,7 +299,7 @@ class Session:
             runner.image_dirty = True  # device backends upload the image only when this is set
             self._cached_roi = roi
         self._to_net(self._probs, out=runner.prev_mask[0, 0])
-        self._write_points(roi)
+        self._write_disks(roi)
         probs = self._net = runner.run()[0, 0]
         check_probs(probs, self.engine)
         out = self._spare  # ping-pong: the new map goes into the spare buffer, the old becomes spare
@@ -312,7 +314,7 @@ class Session:
         if self.cfr > 0 and (self.cfr_clicks is None or n <= self.cfr_clicks):
             steps += self.cfr
         runner, (h, w) = self._runner, self._shape
-        runner.set_clicks(self._click_rows())
+        runner.set_clicks(*self._click_arrays())
         positives = [(c.y, c.x) for c in self._clicks if c.positive]
         for i in range(steps):
             if self.zoom_in:
@@ -326,24 +328,17 @@ class Session:
                 return i + 1
         return steps
 
-    def _click_rows(self) -> np.ndarray:
-        """(2P, 3) rows (y, x, order) in image pixels: positives from row 0, negatives from row P, pad -1."""
-        p = self._max_points
-        rows = np.full((2 * p, 3), -1.0, np.float32)
-        n_pos = n_neg = 0
-        for order, c in enumerate(self._clicks):
-            rows[n_pos if c.positive else p + n_neg] = (c.y, c.x, order)
-            n_pos, n_neg = n_pos + c.positive, n_neg + (not c.positive)
-        return rows
-
-    def _write_points(self, roi: Box) -> None:
-        pts = self._runner.points[0]
-        pts.fill(-1.0)
-        p = self._max_points
+    def _click_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 2) float64 (y, x) in image pixels and (n,) positive flags, in click order."""
         yx = np.array([(c.y, c.x) for c in self._clicks], np.float64).reshape(-1, 2)
-        net = clicks_to_roi(yx, roi, self._size)
-        n_pos = n_neg = 0
-        for order, (c, (ny, nx)) in enumerate(zip(self._clicks, net)):
-            row = n_pos if c.positive else p + n_neg
-            pts[row] = (ny, nx, order)
-            n_pos, n_neg = n_pos + c.positive, n_neg + (not c.positive)
+        return yx, np.array([c.positive for c in self._clicks], bool)
+
+    def _write_disks(self, roi: Box) -> None:
+        """The runner's disk rows for the clicks in this ROI, decided with the official float64 arithmetic
+        (`cfr_runtime.disks`); rewritten only when the clicks or the ROI changed (CFR steps reuse them)."""
+        key = (roi, tuple(self._clicks))
+        if key == self._disks_key:
+            return
+        c = self.engine.contract
+        write_disk_rows(self._runner.disk_rows, *self._click_arrays(), roi, self._size, c.disk_radius)
+        self._disks_key = key

@@ -90,11 +90,3 @@ def next_roi_from_box(current: Box | None, box: Box | None, shape: tuple[int, in
         return candidate
     return current
 
-
-def clicks_to_roi(yx: np.ndarray, roi: Box, size: int) -> np.ndarray:
-    """Official `_transform_clicks`: image (y, x) -> network-input coordinates in an S x S crop."""
-    rmin, rmax, cmin, cmax = roi
-    out = np.empty_like(yx, dtype=np.float32)
-    out[:, 0] = size * (yx[:, 0] - rmin) / (rmax - rmin + 1)
-    out[:, 1] = size * (yx[:, 1] - cmin) / (cmax - cmin + 1)
-    return out

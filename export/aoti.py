@@ -27,8 +27,7 @@ from .onnx_export import build_graph, example_inputs, full_example_inputs
 
 def export_aoti(checkpoint: str | Path, out_dir: str | Path, size: int = 448, max_points: int = 24,
                 flip: bool = True, precision: str = "fp16", device: str = "cuda", graph: str = "square",
-                max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
-                exact_flip: bool = False) -> Path:
+                max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None) -> Path:
     """Compile the contract's graph module (square or full, as `export.onnx_export.build_graph` makes it); the
     full graph is exported with H and W dynamic within the contract's image limits."""
     model, info = load_model(checkpoint, input_size=size)
@@ -36,7 +35,6 @@ def export_aoti(checkpoint: str | Path, out_dir: str | Path, size: int = 448, ma
         model.half_precision(DTYPES[precision])
     limits = {k: v for k, v in (("max_image", max_image), ("opt_image", opt_image)) if v is not None}
     if graph == "full":
-        limits["exact_flip"] = exact_flip
         limits["min_image"] = (2, 2)  # torch.export specialises sizes 0 and 1, so a compiled H or W starts at 2
     contract = Contract(input_size=size, max_points=max_points, flip=flip, precision=precision,
                         arch=dict(name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
@@ -92,6 +90,7 @@ def aoti_engine(package: str | Path, cuda_graph: bool = True) -> Engine:
     package = Path(package)
     meta = json.loads(package.with_name(sidecar_name(package)).read_text())
     contract = Contract.from_json(json.dumps(meta["contract"]), str(package))
+    contract.check_runnable(str(package))
     device = torch.device(meta["device"])
     fn = torch._inductor.aoti_load_package(str(package))
     what = "full graph " if contract.full else ""

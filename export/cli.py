@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from cfr_runtime.cli_options import checkpoint_argument, command, option, out_option, overwrite_option, refuse_existing
 from cfr_runtime.contract import MAX_INPUT_SIZE, MAX_POINTS_LIMIT
 from cfr_runtime.errors import CfrError
 from cfr_runtime.fileio import commit, remove_new_dirs_on_error, staged_file
@@ -72,43 +73,41 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
     click.echo(f"wrote {final}\n  aoti: max |aoti - torch fp32| = {worst:.3g} (tolerance {tol:g})")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--engine", type=click.Choice(["onnx", "trt", "aoti"]), default="onnx", show_default=True,
-              help="onnx: the ONNX graph; trt: also a TensorRT plan built from it; aoti: also an "
-                   "AOTInductor package (compiled PyTorch, fp16 with --fp16).")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-              help="Device the aoti package is compiled for.")
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output directory.")
-@click.option("--size", type=click.IntRange(1, MAX_INPUT_SIZE), default=None,
-              help="Network input size S (default: the checkpoint's own; 672 for DAVIS-style runs). Another "
-                   "size resizes the position embedding, which changes the results.")
-@click.option("--max-points", type=click.IntRange(1, MAX_POINTS_LIMIT), default=24, show_default=True,
-              help="Click rows P per sign.")
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Flip averaging inside the graph.")
-@click.option("--fp16", is_flag=True, help="fp16 graph (fp32 I/O; LayerNorm, softmax, sigmoid in fp32).")
-@click.option("--int8", is_flag=True, help="Also model_int8.onnx: int8 weights (ONNX Runtime dynamic quantization), "
-              "graph optimizations saved in the file; for the CPU provider (export/quantize.py).")
-@click.option("--verify-seed", type=click.IntRange(0, 2**31 - 1), default=None,
-              help="Seed of the verification inputs (default: fresh).")
-@click.option("--graph", type=click.Choice(["square", "full"]), default="square", show_default=True,
-              help="square: the network at S x S, zoom-in on the host; full: the whole click at the image's "
-                   "own resolution (crop, paste-back, zoom box and A-CFR count inside the graph).")
-@click.option("--max-image", type=str, default=None, metavar="HxW",
-              help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
-@click.option("--opt-image", type=str, default=None, metavar="HxW",
-              help="full graph: the image size TensorRT tunes for (default 1024x1024).")
-@click.option("--exact-flip", is_flag=True,
-              help="full graph: flipped clicks exactly as the official float64 code rounds them (the default "
-                   "reproduces the square graph's float32 flip, 1 ulp off in about a third of clicks).")
-def main(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | None, max_points: int, flip: bool,
-         fp16: bool, int8: bool, verify_seed: int | None, graph: str, max_image: str | None, opt_image: str | None,
-         exact_flip: bool) -> None:
+@command("cfr-export")
+@checkpoint_argument()
+@option("--engine", type=click.Choice(["onnx", "trt", "aoti"]), default="onnx", show_default=True,
+        help="onnx: the ONNX graph; trt: also a TensorRT plan built from it; aoti: also an "
+             "AOTInductor package (compiled PyTorch, fp16 with --fp16).")
+@option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+        help="Device the aoti package is compiled for.")
+@out_option(required=True, name="out_dir", help="Output folder (model.onnx and the other files go there).")
+@overwrite_option("model files an earlier export wrote in the output folder")
+@option("--size", type=click.IntRange(1, MAX_INPUT_SIZE), default=None,
+        help="Network input size S (default: the checkpoint's own; 672 for DAVIS-style runs). Another "
+             "size resizes the position embedding, which changes the results.")
+@option("--max-points", type=click.IntRange(1, MAX_POINTS_LIMIT), default=24, show_default=True,
+        help="Click rows P per sign.")
+@option("--flip/--no-flip", default=True, show_default=True, help="Flip averaging inside the graph.")
+@option("--fp16", is_flag=True, help="fp16 graph (fp32 I/O; LayerNorm, softmax, sigmoid in fp32).")
+@option("--int8", is_flag=True, help="Also model_int8.onnx: int8 weights (ONNX Runtime dynamic quantization), "
+        "graph optimizations saved in the file; for the CPU provider (export/quantize.py).")
+@option("--verify-seed", type=click.IntRange(0, 2**31 - 1), default=None,
+        help="Seed of the verification inputs (default: fresh).")
+@option("--graph", type=click.Choice(["square", "full"]), default="square", show_default=True,
+        help="square: the network at S x S, zoom-in on the host; full: the whole click at the image's "
+             "own resolution (crop, paste-back, zoom box and A-CFR count inside the graph).")
+@option("--max-image", type=str, default=None, metavar="HxW",
+        help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
+@option("--opt-image", type=str, default=None, metavar="HxW",
+        help="full graph: the image size TensorRT tunes for (default 1024x1024).")
+def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: bool, size: int | None,
+         max_points: int, flip: bool, fp16: bool, int8: bool, verify_seed: int | None, graph: str,
+         max_image: str | None, opt_image: str | None) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
-    if exact_flip:
-        limits["exact_flip"] = True
+    if not overwrite:
+        refuse_existing(_targets(out_dir, graph, fp16, int8, engine),
+                        "pass --overwrite to replace it (a rejected export still keeps it), or choose another -o")
     try:
         with remove_new_dirs_on_error(out_dir):  # a failed first export leaves no empty folder behind
             _export(checkpoint, engine, device, out_dir, size, max_points, flip, fp16, int8, verify_seed, limits)
@@ -171,6 +170,24 @@ def _with_data(path: Path) -> str:
 
     record = data_file(path)
     return f"{path} (+ {record.name}, {record.size / 1e9:.2f} GB)" if record else str(path)
+
+
+def _targets(out_dir: Path, graph: str, fp16: bool, int8: bool, engine: str) -> list[Path]:
+    """The files this export would write (named as export.onnx_export.model_file_name names them)."""
+    from types import SimpleNamespace
+
+    from .onnx_export import model_file_name
+
+    full = graph == "full"
+    fp32 = model_file_name(SimpleNamespace(full=full, precision="fp32"))
+    names = [fp32] + ([model_file_name(SimpleNamespace(full=full, precision="fp16"))] if fp16 else [])
+    if int8:
+        names.append(fp32.replace(".onnx", "_int8.onnx"))
+    if engine == "trt":
+        names.append(names[1 if fp16 else 0].replace(".onnx", ".plan"))  # export.trt.build_plan's name
+    if engine == "aoti":
+        names.append(f"{'model_full' if full else 'model'}_{'fp16' if fp16 else 'fp32'}.pt2")  # export.aoti's
+    return [out_dir / n for n in names]
 
 
 def _hw(text: str | None, option: str) -> tuple[int, int] | None:

@@ -19,11 +19,14 @@ import cfr_runtime
 from cfr_runtime.contract import (
     DIM_H,
     DIM_W,
+    FULL_DISK_ROWS,
     GRAPH_FULL,
     GRAPH_SQUARE,
+    INPUT_DISK_ROWS,
     INPUT_NAMES,
     Contract,
 )
+from cfr_runtime.disks import fill_disk_rows, write_disk_rows
 from cfr_runtime.errors import CfrError, CheckpointError
 from cfr_runtime.fileio import remove_new_dirs_on_error, staged_file
 from cfr_runtime.resample import crop_tables, paste_axis
@@ -41,11 +44,25 @@ class ExportError(CfrError):
     """The exported graph does not compute what torch computes, or cannot be written."""
 
 
+def _random_clicks(rng: np.random.Generator, n_pos: int, n_neg: int, high_y: float, high_x: float,
+                   integer: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 2) (y, x) clicks in random order and their positive flags (n_pos True, n_neg False)."""
+    n = n_pos + n_neg
+    if integer:  # the clicker's clicks: pixel indices
+        yx = np.stack([rng.integers(0, int(high_y) + 1, n), rng.integers(0, int(high_x) + 1, n)], 1).astype(np.float64)
+    else:
+        yx = np.stack([rng.uniform(0, high_y, n), rng.uniform(0, high_x, n)], 1)
+    positive = np.zeros(n, bool)
+    positive[rng.permutation(n)[:n_pos]] = True
+    return yx, positive
+
+
 def example_inputs(contract: Contract, seed: int = 0, n_pos: int = 2, n_neg: int = 1,
                    soft_prev: bool = True) -> dict[str, np.ndarray]:
-    """Fresh random contract inputs: an image, a soft (or empty) prev mask, and clicks with padding."""
+    """Fresh random contract inputs: an image, a soft (or empty) prev mask, and the disk rows of random
+    sub-pixel clicks in network pixels (plain and flipped), decided as the runtime decides them."""
     rng = np.random.default_rng(seed)
-    s, p = contract.input_size, contract.max_points
+    s = contract.input_size
     image = rng.random((1, 3, s, s), dtype=np.float32)
     if soft_prev:
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
@@ -54,13 +71,10 @@ def example_inputs(contract: Contract, seed: int = 0, n_pos: int = 2, n_neg: int
         prev = (1 / (1 + np.exp((d - r) / (0.05 * s)))).astype(np.float32)[None, None]
     else:
         prev = np.zeros((1, 1, s, s), np.float32)
-    points = np.full((1, 2 * p, 3), -1, np.float32)
-    order = rng.permutation(n_pos + n_neg)
-    for i in range(n_pos):
-        points[0, i] = [*rng.uniform(0, s - 1, 2), order[i]]
-    for j in range(n_neg):
-        points[0, p + j] = [*rng.uniform(0, s - 1, 2), order[n_pos + j]]
-    return {"image": image, "prev_mask": prev, "points": points}
+    disk_rows = np.empty(contract.disk_rows_shape, np.float32)
+    yx, positive = _random_clicks(rng, n_pos, n_neg, s - 1, s - 1, integer=False)
+    fill_disk_rows(disk_rows, yx, positive, contract.disk_radius, s)
+    return {"image": image, "prev_mask": prev, INPUT_DISK_ROWS: disk_rows}
 
 
 def verification_cases(contract: Contract, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -72,8 +86,8 @@ def verification_cases(contract: Contract, seed: int = 0) -> list[dict[str, np.n
     ]
     border = example_inputs(contract, seed + 3, 1, 1)
     s = contract.input_size
-    border["points"][0, 0, :2] = [0, s - 1]
-    border["points"][0, contract.max_points, :2] = [s - 1, 0]
+    fill_disk_rows(border[INPUT_DISK_ROWS], np.array([[0.0, s - 1.0], [s - 1.0, 0.0]]), [True, False],
+                   contract.disk_radius, s)
     cases.append(border)
     return cases
 
@@ -82,9 +96,10 @@ def full_example_inputs(contract: Contract, h: int, w: int, seed: int = 0, n_pos
                         roi: tuple[int, int, int, int] | None = None, soft_prev: bool = True
                         ) -> dict[str, np.ndarray]:
     """Fresh random inputs of the full graph: an H x W uint8 image, a soft prev map that is zero outside a
-    box, clicks in image pixels (integers, as the clicker makes), a random zoom-in ROI and its tables."""
+    box, the disk rows of clicks in image pixels (integers, as the clicker makes) in a random zoom-in ROI, and
+    its tables."""
     rng = np.random.default_rng(seed)
-    s, p = contract.input_size, contract.max_points
+    s = contract.input_size
     io = contract.io(h, w)
     out = {name: np.zeros(shape, dtype) for name, (shape, dtype) in io.items() if name in contract.input_names()}
     out["image_u8"][...] = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
@@ -99,17 +114,13 @@ def full_example_inputs(contract: Contract, h: int, w: int, seed: int = 0, n_pos
         keep = np.zeros((h, w), bool)
         keep[box[0].min():box[0].max() + 1, box[1].min():box[1].max() + 1] = True
         out["prev_probs"][...] = np.where(keep, prev, 0).astype(np.float32)
-    clicks = out["clicks"]
-    clicks.fill(-1)
-    order = rng.permutation(n_pos + n_neg)
-    for k in range(n_pos + n_neg):
-        row = k if k < n_pos else p + k - n_pos
-        clicks[row] = (rng.integers(0, h), rng.integers(0, w), order[k])
-    out["roi"][...] = roi
+    yx, positive = _random_clicks(rng, n_pos, n_neg, h - 1, w - 1, integer=True)
+    write_disk_rows(out[FULL_DISK_ROWS], yx, positive, roi, s, contract.disk_radius)
     out["thresholds"][...] = (contract.threshold, 0.5)
     crop_tables(roi, s, out["crop_index"], out["crop_weight"])
     paste_axis(roi[0], roi[1], s, out["paste_row_index"], out["paste_row_weight"])
     paste_axis(roi[2], roi[3], s, out["paste_col_index"], out["paste_col_weight"])
+    out["roi"] = np.array(roi, np.int64)  # the box the tables and disk rows were made for (not a graph input)
     return out
 
 
@@ -157,7 +168,7 @@ def _writable_dir(out_dir: Path) -> Path:
 def build_graph(model, contract: Contract) -> ContractGraph | FullGraph:
     """The torch module of a contract (square or full) around a loaded model."""
     square = ContractGraph(model, flip=contract.flip)
-    return (FullGraph(square, contract.input_size, contract.exact_flip) if contract.full else square).eval()
+    return (FullGraph(square, contract.input_size) if contract.full else square).eval()
 
 
 def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
@@ -169,12 +180,10 @@ def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
 
 
 def _load(checkpoint: str | Path, size: int | None, max_points: int, flip: bool, graph: str,
-          max_image: tuple[int, int] | None, opt_image: tuple[int, int] | None, exact_flip: bool):
+          max_image: tuple[int, int] | None, opt_image: tuple[int, int] | None):
     """The fp32 model of a checkpoint and the contract of its export (square or full graph)."""
     if graph not in (GRAPH_SQUARE, GRAPH_FULL):
         raise ExportError(f"unknown graph {graph!r}; choose 'square' or 'full'")
-    if exact_flip and graph != GRAPH_FULL:
-        raise ExportError("--exact-flip needs --graph full (the square graph receives clicks already mapped)")
     model, info = load_model(checkpoint, input_size=size)
     check_finite_weights(model, checkpoint)
     size = model.backbone.patch_embed.img_size[0]
@@ -182,10 +191,6 @@ def _load(checkpoint: str | Path, size: int | None, max_points: int, flip: bool,
     if graph == GRAPH_FULL:
         limits = {k: tuple(int(v) for v in val) for k, val in (("max_image", max_image), ("opt_image", opt_image))
                   if val is not None}
-        limits["exact_flip"] = bool(exact_flip)
-        if max(limits.get("max_image", (0, 0))) * size >= 1 << 24:
-            raise ExportError(f"--max-image {limits['max_image']} is too large for exact click mapping at S={size} "
-                              f"(S * side must stay below 2**24)")
     contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=dict(
         name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
         package_version=cfr_runtime.__version__, graph=graph, **limits)
@@ -213,7 +218,6 @@ def trace_graph(module: torch.nn.Module, contract: Contract, path: Path) -> None
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = None, max_points: int = 24,
                 flip: bool = True, fp16: bool = False, graph: str = GRAPH_SQUARE,
                 max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
-                exact_flip: bool = False,
                 check: Callable[[Path, Contract, ContractGraph | FullGraph], object] | None = None,
                 base: tuple[Contract, ContractGraph | FullGraph] | None = None,
                 ) -> tuple[Path, Contract, ContractGraph | FullGraph]:
@@ -237,7 +241,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
             contract, torch_graph = base
             export_graph = build_graph(copy.deepcopy(_model_of(torch_graph)).half_precision(), contract)
         else:
-            model, contract = _load(checkpoint, size, max_points, flip, graph, max_image, opt_image, exact_flip)
+            model, contract = _load(checkpoint, size, max_points, flip, graph, max_image, opt_image)
             torch_graph = export_graph = build_graph(model, contract)
             if fp16:
                 # Built in torch rather than by an ONNX rewriting pass: the model itself keeps LayerNorm,

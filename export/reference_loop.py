@@ -1,8 +1,12 @@
 """An official-style predictor loop in torch: `BasePredictor` + `ZoomIn` + `AddHorizontalFlip`, restated.
 
 It uses torch's F.interpolate for every crop and paste and handles flip and clicks in Python, as the
-official code does. Tests use it to prove the numpy Session reproduces the official protocol; the
-latency benchmark uses it as the baseline the runtime is compared against.
+official code does: clicks are mapped into the crop and flipped with Python floats (float64), and the points
+tensor is float64, so the model's `click_disks` decides the disks as the official `DistMaps` does (the
+subtraction in float64, rounded once to float32). It shares nothing with `cfr_runtime.disks`, which makes it
+an independent check of the runtime's host-side disk decision. Tests use it to prove the numpy Session
+reproduces the official protocol; the latency benchmark uses it as the baseline the runtime is compared
+against.
 """
 
 from __future__ import annotations
@@ -55,19 +59,21 @@ class ReferencePredictor:
         r0, r1, c0, c1 = self.roi
         x = torch.cat([self.image, self.prev], 1)[:, :, r0:r1 + 1, c0:c1 + 1]
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=True)
+        # official ZoomIn._transform_clicks: crop_h * (y - rmin) / (rmax - rmin + 1), in Python floats
         clicks = [(s * (cy - r0) / (r1 - r0 + 1), s * (cx - c0) / (c1 - c0 + 1), i, p)
                   for i, (cy, cx, p) in enumerate(self.clicks)]
         lists = [clicks]
         if self.flip:
             x = torch.cat([x, x.flip(3)], 0)
-            lists.append([(cy, s - cx - 1, i, p) for cy, cx, i, p in clicks])
+            lists.append([(cy, s - cx - 1, i, p) for cy, cx, i, p in clicks])  # AddHorizontalFlip, float64
         n = max(1, max(max(sum(p for *_, p in cl), sum(not p for *_, p in cl)) for cl in lists))
         rows = []
         for cl in lists:
             pos = [(cy, cx, i) for cy, cx, i, p in cl if p]
             neg = [(cy, cx, i) for cy, cx, i, p in cl if not p]
             rows.append(pos + [(-1, -1, -1)] * (n - len(pos)) + neg + [(-1, -1, -1)] * (n - len(neg)))
-        logits = self.net(x, torch.tensor(rows, dtype=torch.float32, device=self.device))
+        # float64 like the official torch.tensor(list of numpy float64): DistMaps subtracts in float64
+        logits = self.net(x, torch.tensor(rows, dtype=torch.float64, device=self.device))
         if self.flip:
             logits = 0.5 * (logits[:1] + logits[1:].flip(3))
         probs = torch.sigmoid(logits)

@@ -150,7 +150,7 @@ def export_verified(checkpoint: str | Path, out_dir: str | Path, size: int | Non
 
     A rejected graph is deleted with its staging folder and an existing model is left untouched. `base` is the
     (contract, fp32 graph) of the fp32 export: the fp16 export is made from that model and checked against it;
-    `graph_options` (graph, max_image, opt_image, exact_flip) choose the square or full-resolution contract."""
+    `graph_options` (graph, max_image, opt_image) choose the square or full-resolution contract."""
     from .onnx_export import export_onnx, model_file_name
 
     reports: list[VerifyReport] = []

@@ -43,13 +43,57 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(path, model, params, meta={"arch": "tiny"})
 
 
+# Exported test models by name. bench/mutation.py exports each once into $CFR_TEST_MODELS/<name>/ (with
+# export_test_model) so that the tests run for every mutant reuse them instead of exporting again; without that
+# variable every test session exports its own.
+TEST_MODELS = ("tiny", "default224", "default224_full")
+
+
+def export_test_model(name: str, out: Path) -> Path:
+    """tiny: the official tiny_d8_s1 checkpoint (random weights) with default options (flip, 448, 24 points);
+    default224 / default224_full: the bundled trained default checkpoint at its own size, square / full graph."""
+    from export.onnx_export import export_onnx
+    from trainer.default_model import default_checkpoint
+
+    if name == "tiny":
+        return export_onnx(need(REFERENCE) / "tiny_d8_s1" / "model.pth", out)[0]
+    if name == "default224":
+        return export_onnx(default_checkpoint(), out, size=224)[0]
+    if name == "default224_full":
+        return export_onnx(default_checkpoint(), out, size=224, graph="full", max_image=(1024, 1024))[0]
+    raise KeyError(f"unknown test model {name!r}; one of {TEST_MODELS}")
+
+
+def exported_model(name: str, tmp_path_factory) -> Path:
+    cache = os.environ.get("CFR_TEST_MODELS")
+    if cache:
+        found = sorted(p for p in (Path(cache) / name).glob("*.onnx") if not p.name.startswith("."))
+        if len(found) != 1:
+            pytest.fail(f"CFR_TEST_MODELS={cache} has no exported {name!r} model; bench/mutation.py exports them")
+        return found[0]
+    return export_test_model(name, tmp_path_factory.mktemp(name))
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, reference_dir) -> Path:
     """The official tiny_d8_s1 checkpoint exported with default options (flip, 448, 24 points)."""
-    from export.onnx_export import export_onnx
+    return exported_model("tiny", tmp_path_factory)
 
-    path, _, _ = export_onnx(reference_dir / "tiny_d8_s1" / "model.pth", tmp_path_factory.mktemp("onnx"))
-    return path
+
+@pytest.fixture(scope="session")
+def default_onnx(tmp_path_factory) -> Path:
+    """The bundled trained checkpoint exported at its own size (224), square contract: 4x cheaper forwards than
+    tiny_onnx at 448, for tests that run many (cfr-eval end to end)."""
+    return exported_model("default224", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def default_engines(default_onnx, tmp_path_factory) -> dict:
+    """The bundled trained checkpoint at 224 on both contracts: {"square": Engine, "full": Engine}. Its masks
+    follow objects (unlike the random-weight reference), so zoom-in boxes move between clicks on real images."""
+    from cfr_runtime import Engine
+
+    return {"square": Engine(default_onnx), "full": Engine(exported_model("default224_full", tmp_path_factory))}
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from trainer.models import arch_config, build_model
 from trainer.models.graph import ContractGraph
-from trainer.models.plainvit import click_disks
+from trainer.models.plainvit import click_disks, place_disks
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "item"}
 HOST_DATA_FUNCS = {"tensor", "as_tensor", "from_numpy", "asarray", "item", "tolist", "numpy", "cpu", "__bool__"}
@@ -65,8 +65,8 @@ class HostTraffic:
 def _meta_inputs(size: int, points: int = 4):
     image = torch.rand(1, 3, size, size, device="meta")
     prev = torch.rand(1, 1, size, size, device="meta")
-    pts = torch.full((1, 2 * points, 3), -1.0, device="meta")
-    return image, prev, pts
+    disk_rows = torch.full((1, 2, 2 * points, 12, 3), -1.0, device="meta")  # (1, F, 2P, K, 3), plain + flipped
+    return image, prev, disk_rows
 
 
 def test_guard_sees_host_tensors():
@@ -85,6 +85,13 @@ def test_click_disks_capturable():
     with HostTraffic() as mode:
         click_disks(pts, 64, 64, 5.0)
     assert mode.offenders == [], f"host traffic in click_disks: {mode.offenders}"
+
+
+def test_place_disks_capturable():
+    rows = torch.full((2, 8, 12, 3), -1.0, device="meta")
+    with HostTraffic() as mode:
+        place_disks(rows, 64, 64)
+    assert mode.offenders == [], f"host traffic in place_disks: {mode.offenders}"
 
 
 @pytest.mark.parametrize("flip", [True, False])

@@ -3,6 +3,10 @@
 Every case must end cleanly: exit 0 (with a finite result), or exit 2 from a CfrError / click usage error with a
 message, never a raw traceback (click reports an uncaught exception as exit code 1 with `result.exception`).
 Each test prints how many cases ran and how many ended otherwise (the report issue 11 asks for).
+
+Each case is also classified from its inputs (issue 21): every input valid -> it must exit 0; one input surely
+invalid -> it must exit 2; undecidable inputs (a corrupted file that may still parse, NaN where a range check
+may let it through) -> either. Without that, a CLI that refused everything with exit 2 passed the fuzz.
 """
 
 from __future__ import annotations
@@ -39,12 +43,34 @@ def _classify(result) -> str:
     return f"bad: exit {result.exit_code} {type(exc).__name__}: {exc}"
 
 
+def _expected(verdicts: list[bool | None]) -> str | None:
+    """'ok' when every input is valid (True), 'clean' when one is surely invalid (False), else None (unsure)."""
+    if any(v is False for v in verdicts):
+        return "clean"
+    return "ok" if all(v is True for v in verdicts) else None
+
+
+def _verdict(value: str | None, valid: set[str], unsure: set[str] = frozenset()) -> bool | None:
+    """An option's value: absent or valid -> True, in `unsure` -> None, anything else -> False."""
+    if value is None or value in valid:
+        return True
+    return None if value in unsure else False
+
+
+def _judge(kind: str, expected: str | None) -> str:
+    """The outcome, or a 'bad:' one when it contradicts the inputs' classification."""
+    if kind.startswith("bad") or expected is None or kind == expected:
+        return kind
+    return f"bad: expected {'exit 0' if expected == 'ok' else 'a clean exit 2'}, got {kind}"
+
+
 def _report(name: str, outcomes: Counter) -> None:
     bad = {k: v for k, v in outcomes.items() if k.startswith("bad")}
     total = sum(outcomes.values())
     print(f"\n{name} fuzz: {total} cases, {outcomes['ok']} exit 0, {outcomes['clean']} clean exit 2, "
           f"{sum(bad.values())} other: {bad}")
     assert not bad, bad
+    assert outcomes["ok"] and outcomes["clean"], f"the draw must reach both exits: {dict(outcomes)}"
 
 
 def _corrupt(data: bytes, cut: float, flips: list[tuple[float, int]]) -> bytes:
@@ -143,9 +169,22 @@ def _fuzz_eval(small_model, outcomes, model_kind, data_kind, options, flags, jso
             (tmp / "f").write_text("x")
             args += ["--json", str(tmp / "f" / "r.json")]
         result = CliRunner().invoke(eval_main, args)
-        kind = _classify(result)
+        opt = dict(zip(options[::2], options[1::2]))
+        expected = _expected([
+            {"good": True, "corrupt": None}.get(model_kind, False),
+            {"good": True, "corrupt": None}.get(data_kind, False),
+            json_kind != "under_file", "--resume" not in flags or json_kind == "fresh",
+            "--acfr" not in flags or opt.get("--cfr") in ("1", "2"),
+            _verdict(opt.get("--max-clicks"), {"1", "3"}),
+            _verdict(opt.get("--target-iou"), {"0.5", "0.95", "1", "0.9"}, {"nan"}),
+            _verdict(opt.get("--limit"), {"1", "2", "99"}), _verdict(opt.get("--cfr"), {"0", "1", "2"}),
+            _verdict(opt.get("--acfr-threshold"), {"0", "20"}),
+            _verdict(opt.get("--cfr-clicks"), {"all", "1", "2"}), _verdict(opt.get("--backend"), {"auto", "ort"}),
+            _verdict(opt.get("--mask-encoding"), {"grabcut", "anynonzero"}),
+        ])
+        kind = _judge(_classify(result), expected)
         if kind.startswith("bad"):
-            kind += f" args={args[2:]} model={model_kind}\n{result.output[-600:]}"
+            kind += f" args={args[2:]} model={model_kind} data={data_kind}\n{result.output[-600:]}"
         outcomes[kind] += 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,7 +233,14 @@ def _fuzz_export(outcomes, ckpt_kind, options, flags, out_kind, corrupt):
         args = [str(paths[ckpt_kind]), "-o", str(out)]
         args += options + flags
         result = CliRunner().invoke(export_main, args)
-        kind = _classify(result)
+        opt = dict(zip(options[::2], options[1::2]))
+        expected = _expected([
+            {"good": True, "corrupt": None}.get(ckpt_kind, False), out_kind != "under_file",
+            _verdict(opt.get("--size"), {"224"}), _verdict(opt.get("--max-points"), {"1", "5"}, {"5000"}),
+            _verdict(opt.get("--engine"), {"onnx"}, {"trt"}), _verdict(opt.get("--device"), {"auto", "cpu"}, {"cuda"}),
+            _verdict(opt.get("--verify-seed"), {"0", "7"}, {"-1"}),
+        ])
+        kind = _judge(_classify(result), expected)
         if out_kind == "existing_model" and result.exit_code != 0 and (out / "model.onnx").exists() \
                 and (out / "model.onnx").read_bytes() != b"previous model":
             kind = "bad: a failed export replaced the existing model"
@@ -248,7 +294,14 @@ def _fuzz_train(outcomes, options, config_kind, corrupt):
                              "unknown_key": b"stepz = 3\n", "good": b"log_every = 1\n"}[config_kind])
             args += ["--config", str(cfg)]
         result = CliRunner().invoke(train_main, args)
-        kind = _classify(result)
+        expected = _expected([
+            {None: True, "good": True, "unknown_key": False}.get(config_kind),
+            _verdict(chosen["--data"], {"synthetic:2"}), _verdict(chosen["--size"], {"32"}, {"5000"}),
+            _verdict(chosen["--steps"], {"1"}, {"0"}), _verdict(chosen["--batch-size"], {"1"}),
+            _verdict(chosen.get("--accum"), {"1", "2"}), _verdict(chosen.get("--lr"), {"1e-4"}, {"nan"}),
+            _verdict(chosen["--arch"], {"tiny"}), _verdict(chosen["--device"], {"cpu"}),
+        ])
+        kind = _judge(_classify(result), expected)
         if kind.startswith("bad"):
             kind += f" args={args}\n{result.output[-600:]}"
         outcomes[kind] += 1

@@ -106,6 +106,10 @@ def test_cuda_graph_engines_match_eager_and_keep_sessions_apart(scene):
     engine = model_engine(_model().cuda(), SIZE, cuda_graph=True)
     a, b = Session(engine), Session(engine)
     ref = Session(model_engine(_model().cuda(), SIZE, cuda_graph=True))
+    from tests.gpu_checks import torch_devices
+
+    for s in (a, b, ref):  # what ran: CUDA tensors, and a captured graph that run() replays
+        assert torch_devices(s) == {"cuda"} and s._runner._graph is not None
     for s in (a, b, ref):
         s.set_image(img)
     b.add_click(*clicks[0])  # b's clicks must not leak into a's buffers
@@ -133,6 +137,12 @@ def test_ort_cuda_graph_per_runner(tiny_onnx, scene):
     shared = engine()
     a, b = Session(shared), Session(shared)
     ref_a, ref_b = Session(engine()), Session(engine())
+    from tests.gpu_checks import ort_providers
+
+    for s in (a, b, ref_a, ref_b):  # what ran: the CUDA provider (ORT falls back to the CPU silently), graphs on
+        assert ort_providers(s)[0] == "CUDAExecutionProvider" and s._runner._device == "cuda"
+        assert s._runner._run_options is not None, f"no CUDA graph: {s.engine!r}"
+    assert a._runner._run_options is not b._runner._run_options
     flipped = np.ascontiguousarray(img[:, ::-1])
     for s, im in ((a, img), (ref_a, img), (b, flipped), (ref_b, flipped)):
         s.set_image(im)

@@ -147,6 +147,17 @@ def test_cfr_eval_end_to_end(name, tiny_onnx, data_dir, tmp_path):
     assert set(data["noc"]) == {"0.85", "0.9", "0.95"}
     inst = data["instances"][0]
     assert len(inst["ious"]) == len(inst["clicks"]) == len(inst["forwards"]) <= 5
-    assert inst["forwards"][0] in (2, 3) and all(f == 1 for f in inst["forwards"][1:])
+    # restated with the API: the options reached the Session (issue 21: "forwards in (2, 3)" held for any
+    # A-CFR-2 run, whatever its threshold, clicks or IoUs)
+    from cfr_runtime import Engine, Session
+    from cfr_runtime.evaluate import evaluate_instance
+
+    first = open_dataset(data_dir / name)[0]
+    want = evaluate_instance(Session(Engine(tiny_onnx), cfr=2, adaptive=True, cfr_threshold=20), *first.load(),
+                             first.id, max_clicks=5, target_iou=0.95)
+    assert inst["id"] == first.id and inst["clicks"] == want.clicks and inst["forwards"] == want.forwards
+    assert inst["ious"] == pytest.approx(want.ious, abs=1e-6)
+    assert want.forwards[0] in (2, 3) and all(f == 1 for f in want.forwards[1:])
+    assert data["noc"]["0.85"] == pytest.approx(np.mean([noc(i["ious"], 0.85, 5) for i in data["instances"]]))
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "NoC@85" in out.with_suffix(".md").read_text()

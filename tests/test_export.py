@@ -31,7 +31,7 @@ def test_cli_export_matches_torch(source, reference_dir, tiny_checkpoint, tmp_pa
     assert "max |onnx - torch|" in result.output
     inputs, outputs, meta = _io(tmp_path / "model.onnx")
     assert list(inputs) == list(INPUT_NAMES) and list(outputs) == list(OUTPUT_NAMES)
-    assert inputs["image"][0] == [1, 3, 448, 448] and inputs["points"][0] == [1, 48, 3]
+    assert inputs["image"][0] == [1, 3, 448, 448] and inputs["disk_rows"][0] == [1, 2, 48, 12, 3]
     assert all(t == onnx.TensorProto.FLOAT for _, t in list(inputs.values()) + list(outputs.values()))
     contract = Contract.from_json(meta[META_KEY])
     assert contract.flip and contract.max_points == 24 and len(contract.checkpoint_sha256) == 64
@@ -58,13 +58,11 @@ def test_flip_is_in_the_graph(reference_dir, tmp_path):
     graph.flip = True
     flipped = torch_reference(graph, inputs)
     assert np.abs(plain - flipped).max() > 1e-3
-    # restated independently: the unflipped network on mirrored inputs (clicks x -> S - 1 - x, padding kept),
-    # logits un-mirrored and averaged with the plain logits, then the sigmoid
+    # restated independently: the unflipped network on mirrored inputs (image, prev mask, and the disks of the
+    # flipped clicks x -> (S - x) - 1, the second block of disk_rows), logits un-mirrored and averaged with the
+    # plain logits, then the sigmoid
     mirrored = {"image": inputs["image"][..., ::-1].copy(), "prev_mask": inputs["prev_mask"][..., ::-1].copy(),
-                "points": inputs["points"].copy()}
-    pts = mirrored["points"][0]
-    valid = np.maximum(pts[:, 0], pts[:, 1]) >= 0
-    pts[valid, 1] = contract.input_size - 1 - pts[valid, 1]
+                "disk_rows": inputs["disk_rows"][:, ::-1].copy()}
     graph.flip = False
     logit = lambda p: np.log(p.astype(np.float64)) - np.log1p(-p.astype(np.float64))  # noqa: E731
     mirror_probs = torch_reference(graph, mirrored)

@@ -162,11 +162,12 @@ def test_cli_eval_and_serve_take_a_data_file_graph(exported, tmp_path):
 
     from cfr_runtime.serve import create_app
 
-    with TestClient(create_app(str(graph))) as client:
+    with TestClient(create_app(str(graph)), base_url="http://localhost") as client:  # the Host guard's name
         png = tmp_path / "a.png"
         Image.fromarray(rgb).save(png)
-        sid = client.post("/sessions", content=png.read_bytes(), headers={"Content-Type": "image/png"}).json()
-        answer = client.post(f"/sessions/{sid['session_id']}/clicks", json={"x": 80, "y": 60})
+        created = client.post("/sessions", content=png.read_bytes(), headers={"Content-Type": "image/png"})
+        assert created.status_code == 201, created.text
+        answer = client.post(f"/sessions/{created.json()['session_id']}/clicks", json={"x": 80, "y": 60})
         direct = Session(Engine(graph))
         direct.set_image(rgb)
         assert answer.status_code == 200, answer.text
@@ -209,7 +210,7 @@ def test_previous_model_survives_a_failed_reexport(exported, tiny_checkpoint, tm
     before = {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)}
     assert set(before) == {"model.onnx", "model.onnx.data"}
     monkeypatch.setitem(export.verify.TOLERANCE, "fp32", -1.0)
-    result = run_export(tiny_checkpoint, tmp_path, "--no-flip")  # a different graph and data file, rejected
+    result = run_export(tiny_checkpoint, tmp_path, "--no-flip", "--overwrite")  # another graph, rejected
     assert result.exit_code == 2 and "not written (the existing one was kept)" in result.output, result.output
     assert {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)} == before
     Engine(tmp_path / "model.onnx")  # still loads: graph and data file belong together
@@ -223,7 +224,7 @@ def test_int8_replaced_only_after_verification(exported, tiny_checkpoint, tmp_pa
     old = {n: (tmp_path / n).read_bytes() for n in ("model_int8.onnx", "model_int8.onnx.data")}
     monkeypatch.setitem(export.verify.TOLERANCE, "int8", -1.0)
     result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224",
-                                              "--max-points", "9", "--int8"])  # differs from the old int8
+                                              "--max-points", "9", "--int8", "--overwrite"])  # differs from the old
     assert result.exit_code == 2 and "does not match torch" in result.output, result.output
     assert {n: (tmp_path / n).read_bytes() for n in old} == old
     assert listing(tmp_path) == ["model.onnx", "model.onnx.data", "model_int8.onnx", "model_int8.onnx.data"]
@@ -233,7 +234,7 @@ def test_int8_replaced_only_after_verification(exported, tiny_checkpoint, tmp_pa
 def test_single_file_export_removes_the_old_data_file(exported, tiny_checkpoint, tmp_path):
     _copy(exported[0], tmp_path)
     assert listing(tmp_path) == ["model.onnx", "model.onnx.data"]
-    assert run_export(tiny_checkpoint, tmp_path).exit_code == 0
+    assert run_export(tiny_checkpoint, tmp_path, "--overwrite").exit_code == 0
     assert listing(tmp_path) == ["model.onnx"] and data_file(tmp_path / "model.onnx") is None
 
 

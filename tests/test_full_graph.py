@@ -157,12 +157,23 @@ def test_undo_then_click_equals_fresh_session(engines):
 def test_full_contract_metadata(engines, tmp_path):
     c = engines["contract"]
     assert c.full and c.max_image == (4000, 4000) and Contract.from_json(c.to_json()).to_json() == c.to_json()
-    # a version-1 document (written before the full graph existed) still loads, as a square contract
+    # a version-1 document (written before the full graph existed) still parses, as a square contract; like
+    # version 2 (float32 disks drawn in the graph) it is refused at load time with the re-export command
     v1 = {k: v for k, v in json.loads(Contract().to_json()).items()
           if k not in ("graph", "min_image", "opt_image", "max_image")}
     v1["contract_version"] = 1
     old = Contract.from_json(json.dumps(v1))
     assert old.graph == "square" and not old.full
+    v2 = Contract.from_json(json.dumps({**json.loads(c.to_json()), "contract_version": 2, "exact_flip": True}))
+    for contract in (old, v2):
+        with pytest.raises(ContractError, match="Re-export the checkpoint"):
+            contract.check_runnable()
+    proto = onnx.load(str(engines["full_path"]))
+    meta = next(p for p in proto.metadata_props if p.key == META_KEY)
+    meta.value = v2.to_json()
+    onnx.save(proto, str(tmp_path / "v2.onnx"))
+    with pytest.raises(ContractError, match="contract version 2"):
+        Engine(tmp_path / "v2.onnx")
     with pytest.raises(ContractError, match="unknown graph"):
         Contract.from_json(json.dumps({**json.loads(c.to_json()), "graph": "cube"}))
     with pytest.raises(ContractError, match="version"):
@@ -181,32 +192,27 @@ def test_full_contract_metadata(engines, tmp_path):
         Engine(tmp_path / "renamed.onnx")
 
 
-def test_exact_flip_follows_official_loop(reference_dir, data_dir, tmp_path):
-    """`--exact-flip` full graph against the official-style torch loop (float64 click mapping and flip in
-    Python): same clicks and probabilities within 1e-4 over 12 clicks with A-CFR (kept short: the torch loop
-    is the slow side)."""
+def test_full_graph_follows_official_loop(engines, reference_dir, data_dir):
+    """The full graph against the official-style torch loop (float64 click mapping, flip and disks, as the
+    official code): same clicks and probabilities within 1e-4 over 12 clicks with A-CFR (kept short: the torch
+    loop is the slow side)."""
     from cfr_runtime.datasets import open_dataset
-    from export.onnx_export import export_onnx
     from export.reference_loop import ReferencePredictor
     from trainer.checkpoint import load_model
 
     ckpt = reference_dir / "tiny_d8_s1" / "model.pth"
-    path, contract, _ = export_onnx(ckpt, tmp_path, size=SIZE, graph="full", exact_flip=True)
-    assert contract.exact_flip
     model, _ = load_model(ckpt, input_size=SIZE)
     image, gt = open_dataset(data_dir / "GrabCut")[7].load()
     ref = ReferencePredictor(model, size=SIZE, cfr=2, adaptive=True)
     ref.set_image(image)
     clicker, pred, worst = Clicker(gt), np.zeros(gt.shape, bool), 0.0
-    for click in _trace(Engine(path), image, gt, 12, cfr=2, adaptive=True):
+    for click in _trace(engines["full"], image, gt, 12, cfr=2, adaptive=True):
         y, x, p = clicker.next_click(pred)
         assert (y, x, p) == click[0]
         pred = ref.add_click(x, y, p)
         worst = max(worst, float(np.abs(click[3] - ref.prev[0, 0].numpy()).max()))
-    print(f"max |exact-flip full graph - official-style loop| over 12 clicks: {worst:.3g}")
+    print(f"max |full graph - official-style loop| over 12 clicks: {worst:.3g}")
     assert worst < 1e-4
-    with pytest.raises(Exception, match="needs --graph full"):
-        export_onnx(ckpt, tmp_path, size=SIZE, exact_flip=True)
 
 
 def test_full_graph_runtime_imports_no_torch(engines):

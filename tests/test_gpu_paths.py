@@ -1,4 +1,10 @@
-"""GPU paths: what can be checked without a GPU runs everywhere; the rest skips with the reason."""
+"""GPU paths: what can be checked without a GPU runs everywhere; the rest skips with the reason.
+
+Every GPU test asserts what actually ran (tests/gpu_checks.py): the providers of the InferenceSession a
+Session uses and, from ONNX Runtime's profiler, the provider that executed the heavy kernels; the device of a
+torch runner's tensors; the native TensorRT backend. ONNX Runtime falls back to the CPU silently, so without
+that a GPU-vs-CPU comparison could be CPU vs CPU. The CPU cases of the same checks run on every machine.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from cfr_runtime import CfrError, ContractError, Engine, EngineMismatchError
 from cfr_runtime.backends.ort import provider_with_options
 from cfr_runtime.contract import Contract
 from cfr_runtime.plan import PlanInfo, check_plan, read_sidecar, sidecar_path
+from tests.gpu_checks import heavy_op_providers, ort_providers, profiled_providers, square_feeds, torch_devices
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -102,6 +109,8 @@ def test_trt_plan_matches_onnxruntime(tiny_onnx, tmp_path):
 
     plan = build_plan(tiny_onnx, tmp_path)
     trt_s, ort_s = Session(Engine(plan)), Session(Engine(tiny_onnx, providers=["CPUExecutionProvider"]))
+    assert trt_s.engine.backend == "trt" and type(trt_s._runner).__module__ == "cfr_runtime.backends.trt"
+    assert ort_providers(ort_s) == ["CPUExecutionProvider"]  # the reference really is the CPU
     img = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
     for s in (trt_s, ort_s):
         s.set_image(img)
@@ -121,24 +130,48 @@ def test_torch_cuda_engine_matches_cpu(reference_dir):
         s = Session(torch_engine(reference_dir / "tiny_d8_s1" / "model.pth", device=device))
         s.set_image(img)
         s.add_click(150, 100)
+        assert torch_devices(s) == {device}, f"the {device} engine ran on {torch_devices(s)}"
         probs.append(s.probs.copy())
     assert np.abs(probs[0] - probs[1]).max() < 1e-3
 
 
 @pytest.mark.gpu
-def test_ort_cuda_provider(tiny_onnx):
+def test_ort_cuda_provider(tiny_onnx, tmp_path):
+    """The CUDA Session runs on CUDA (its InferenceSession kept the CUDA provider, device buffers are bound, the
+    profiler saw the matrix products on CUDA), the reference on the CPU, and they agree."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu (CUDAExecutionProvider), not installed on this machine")
     from cfr_runtime import Session
 
-    gpu = Session(Engine(tiny_onnx, providers=["CUDAExecutionProvider"]))
+    gpu = Session(Engine(tiny_onnx, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]))
     cpu = Session(Engine(tiny_onnx, providers=["CPUExecutionProvider"]))
+    assert ort_providers(gpu)[0] == "CUDAExecutionProvider", f"CUDA did not load: {ort_providers(gpu)}"
+    assert gpu._runner._device == "cuda" and ort_providers(cpu) == ["CPUExecutionProvider"]
     img = np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)
     for s in (gpu, cpu):
         s.set_image(img)
         s.add_click(80, 60)
         s.add_click(10, 10, False)
     assert np.abs(gpu.probs - cpu.probs).max() < 1e-3
-    assert Path(tiny_onnx).exists()
+    profile = profiled_providers(tiny_onnx, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                 square_feeds(gpu.engine.contract), tmp_path)
+    assert heavy_op_providers(profile) == {"CUDAExecutionProvider"}, profile
+
+
+def test_what_ran_checks_on_the_cpu(tiny_onnx, tmp_path, reference_dir):
+    """The checks the GPU tests rely on, on this machine's CPU: an ORT Session reports the CPU provider and the
+    profiler attributes the heavy kernels to it; a torch engine's tensors are on the CPU."""
+    from cfr_runtime import Session
+    from export.torch_backend import torch_engine
+
+    s = Session(Engine(tiny_onnx, providers=["CPUExecutionProvider"]))
+    assert ort_providers(s) == ["CPUExecutionProvider"] and s._runner._device == "cpu"
+    profile = profiled_providers(tiny_onnx, ["CPUExecutionProvider"], square_feeds(s.engine.contract), tmp_path)
+    assert heavy_op_providers(profile) == {"CPUExecutionProvider"}
+    assert {"MatMul", "Conv"} <= set(profile) and all(t > 0 for by in profile.values() for t in by.values())
+    t = Session(torch_engine(reference_dir / "tiny_d8_s1" / "model.pth", size=224))
+    assert torch_devices(t) == {"cpu"}
+    with pytest.raises(AssertionError, match="not an ONNX Runtime engine"):
+        ort_providers(t)

@@ -66,7 +66,7 @@ def test_failed_verification_keeps_the_old_model(tmp_path, monkeypatch):
     import export.verify
 
     monkeypatch.setitem(export.verify.TOLERANCE, "fp32", -1.0)  # every verification now fails
-    bad = CliRunner().invoke(export_main, [str(default_checkpoint()), "-o", str(out), "--no-flip"])
+    bad = CliRunner().invoke(export_main, [str(default_checkpoint()), "-o", str(out), "--no-flip", "--overwrite"])
     assert bad.exit_code == 2 and "not written (the existing one was kept)" in bad.output, bad.output
     assert (out / "model.onnx").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]  # no staged leftovers
@@ -181,8 +181,8 @@ def test_hostile_metadata(tmp_path, tiny_onnx, key, value):
 class _BadRunner:
     def __init__(self, contract, value):
         bufs = alloc_buffers(contract)
-        self.image, self.prev_mask, self.points, self._probs = (bufs[k] for k in ("image", "prev_mask", "points",
-                                                                                  "probs"))
+        self.image, self.prev_mask, self.disk_rows, self._probs = (bufs[k] for k in ("image", "prev_mask",
+                                                                                     "disk_rows", "probs"))
         self._probs.fill(value)
         self.image_dirty = True
 
@@ -415,7 +415,7 @@ def _latency():
 
 def test_latency_default_output_is_not_the_committed_results():
     latency, root = _latency()
-    out = latency.build_parser().parse_args([]).out.resolve()
+    out = next(p for p in latency.cli.params if p.name == "out").default.resolve()
     assert (root / "bench" / "results").resolve() not in (out, *out.parents)
 
 

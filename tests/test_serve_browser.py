@@ -1,11 +1,14 @@
 """The cfr-serve page driven in headless Chromium as a person would: open a GrabCut image, left/right
 clicks, the undo/reset keys, a mode switch and the mask download; after each step the mask drawn on the
-page's canvas must equal the mask of a Python `Session` given the same clicks."""
+page's canvas must equal the mask of a Python `Session` given the same clicks. Clicks are aimed where the image
+was shown before the first click, so a page whose layout moves after an answer sends them to other pixels;
+the latency is cleared on reset, undo with nothing to undo is a friendly line, the zoom-in box has a legend."""
 
 from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import shutil
 from pathlib import Path
@@ -71,13 +74,21 @@ def wait_idle(driver, n_clicks: int):
     assert "error" not in (status.get_attribute("class") or ""), status.text
 
 
-def click_pixel(driver, x: int, y: int, positive: bool):
-    """Press the mouse over image pixel (x, y) of the canvas, wherever the page put it."""
-    rect = driver.execute_script("const r = document.getElementById('clicks').getBoundingClientRect();"
+def canvas_rect(driver) -> list[float]:
+    """Where the page shows the image: [left, top, screen px per image px]."""
+    return driver.execute_script("const r = document.getElementById('clicks').getBoundingClientRect();"
                                  "return [r.left, r.top, r.width / window.cfr.width];")
-    left, top, scale = rect
+
+
+def click_pixel(driver, x: int, y: int, positive: bool, rect: list[float] | None = None):
+    """Press the mouse over image pixel (x, y) of the canvas, where the page shows it now, or where it showed it
+    when `rect` was measured (as a person aims at what they saw before the previous answer came back)."""
+    left, top, scale = rect or canvas_rect(driver)
+    # the whole screen pixel inside image pixel x (the pointer moves in whole pixels; the page may not sit on one)
+    sx, sy = math.ceil(left + x * scale - 1e-6), math.ceil(top + y * scale - 1e-6)
+    assert sx < left + (x + 1) * scale and sy < top + (y + 1) * scale, "an image pixel smaller than a screen pixel"
     actions = ActionChains(driver)
-    actions.w3c_actions.pointer_action.move_to_location(int(left + (x + 0.5) * scale), int(top + (y + 0.5) * scale))
+    actions.w3c_actions.pointer_action.move_to_location(sx, sy)
     actions.w3c_actions.pointer_action.click() if positive else actions.w3c_actions.pointer_action.context_click()
     actions.perform()
 
@@ -120,17 +131,28 @@ def test_page_matches_session(driver, tmp_path):
         driver.find_element(By.ID, "file").send_keys(str(image_path))
         wait_idle(driver, 0)
         assert driver.execute_script("return [window.cfr.width, window.cfr.height]") == [rgb.shape[1], rgb.shape[0]]
-        # a negative (right) click first, then the clicker's clicks
+        # the legend explains the dashed zoom-in box
+        legend = driver.find_element(By.ID, "zoom-legend")
+        assert "zoom-in" in legend.text and "zoom-in" in (legend.get_attribute("title") or "")
+        # undo with nothing to undo: a friendly line, not an error
+        ActionChains(driver).send_keys("z").perform()
+        wait_idle(driver, 0)
+        assert "Nothing to undo" in driver.find_element(By.ID, "status").text
+        # a negative (right) click first, then the clicker's clicks; every click aims where the image was shown
+        # before the first click: an answer that moves the image (a status line cleared) would send it elsewhere
+        before = canvas_rect(driver)
         background = np.argwhere(gt == 0)
         neg = [(int(x), int(y), False) for y, x in [background[len(background) // 3]]]
-        click_pixel(driver, *neg[0][:2], positive=False)
+        click_pixel(driver, *neg[0][:2], positive=False, rect=before)
         check(neg)
+        assert canvas_rect(driver) == before, "the image moved after the first click"
         ActionChains(driver).send_keys("z").perform()  # undo key
         check([])
         for i, c in enumerate(clicks):
-            click_pixel(driver, c[0], c[1], c[2])
+            click_pixel(driver, c[0], c[1], c[2], rect=before)
             want = check(clicks[: i + 1])
         assert want.any()
+        assert canvas_rect(driver) == before
         assert "last click" in driver.find_element(By.ID, "latency").text
         driver.save_screenshot(str(tmp_path / "serve_page.png"))
         if os.environ.get("CFR_SERVE_SCREENSHOT"):
@@ -157,5 +179,8 @@ def test_page_matches_session(driver, tmp_path):
         driver.execute_script("document.activeElement.blur()")  # keys go to the page, not the select
         ActionChains(driver).send_keys("r").perform()
         check([])
+        assert "last click" not in driver.find_element(By.ID, "latency").text  # cleared with the clicks
+        assert driver.execute_script("return window.cfr.lastMs") is None
         click_pixel(driver, *clicks[0])
         check(clicks[:1], mode=(4, True))
+        assert "last click" in driver.find_element(By.ID, "latency").text

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cfr_runtime import CfrError, InputError, Session, StateError
+from cfr_runtime.session import Click
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +77,36 @@ ops = st.lists(st.one_of(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(h=st.integers(1, 24), w=st.integers(1, 36), seq=ops)
 def test_fuzz_session(tiny_engine, h, w, seq):
-    """Whatever the sequence: either a CfrError, or a consistent state (mask shape, click count)."""
+    """Whatever the sequence: each operation succeeds exactly when its input is valid (a click inside the
+    image, an undo with a click to undo) and is otherwise refused with the project error that names it; the
+    state stays consistent (mask shape, click count). Issue 21: catching every CfrError let an API that
+    refused everything pass."""
+    import math
+
     s = Session(tiny_engine, cfr=1, adaptive=True)
     s.set_image(np.random.default_rng(h * w).integers(0, 255, (h, w, 3), dtype=np.uint8))
     expected = 0
     for op in seq:
-        try:
-            if op[0] == "click":
-                mask = s.add_click(op[1], op[2], op[3])
+        if op[0] == "click":
+            x, y = op[1], op[2]
+            if math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h:
+                mask = s.add_click(x, y, op[3])
                 expected += 1
                 assert mask.shape == (h, w) and mask.dtype == bool
-            elif op[0] == "undo":
+                assert s.clicks[-1] == Click(float(x), float(y), op[3])
+            else:
+                with pytest.raises(InputError, match="outside the"):
+                    s.add_click(x, y, op[3])
+        elif op[0] == "undo":
+            if expected:
                 s.undo()
                 expected -= 1
             else:
-                s.reset()
-                expected = 0
-        except CfrError:
-            pass
+                with pytest.raises(StateError, match="no clicks"):
+                    s.undo()
+        else:
+            s.reset()
+            expected = 0
         assert len(s.clicks) == expected == len(s.forwards)
         assert s.probs.shape == (h, w) and np.isfinite(s.probs).all()
+        assert (s.roi is None) == (expected == 0)

@@ -16,7 +16,6 @@ from trainer.data.sources import (
     CocoSource,
     EvalSource,
     FolderSource,
-    Sample,
     SBDSource,
     SyntheticSource,
     YoloSegSource,
@@ -192,4 +191,3 @@ def test_trainset_is_reproducible(data_dir):
 def test_no_sample_error():
     with pytest.raises(ValueError, match="no training samples"):
         TrainSet([], 64)
-    assert isinstance(Sample(np.zeros((2, 2, 3), np.uint8), []), Sample)

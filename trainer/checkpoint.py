@@ -128,15 +128,22 @@ def _check_keys(path: Path, model: torch.nn.Module, state: dict[str, torch.Tenso
         )
 
 
+def check_input_size(size: int, patch: int) -> None:
+    """Refuse an input size the windowed ViT cannot run: a multiple of the patch, cut into whole 224 px windows
+    (or smaller than one window). One rule for training from scratch, fine-tuning and export."""
+    window = 224 // patch
+    grid = size // patch
+    if size < patch or size % patch or grid % window and grid > window:
+        ok = [k * patch * window for k in range(1, 5)]
+        raise InputError(f"input size {size} must be a multiple of the patch ({patch}) with whole 224 px "
+                         f"windows, e.g. {', '.join(map(str, ok))}")
+
+
 def set_input_size(model: PlainVitModel, size: int) -> None:
     """Run the model at another square input size, resizing the position embedding as the official eval does."""
     patch = model.backbone.patch_embed.patch_size
-    window = 224 // patch[0]
+    check_input_size(size, patch[0])
     grid = (size // patch[0], size // patch[1])
-    if size < patch[0] or size % patch[0] or grid[0] % window and grid[0] > window:
-        ok = [k * patch[0] * window for k in range(1, 5)]
-        raise ValueError(f"input size {size} must be a multiple of the patch ({patch[0]}) with whole 224 px "
-                         f"windows, e.g. {', '.join(map(str, ok))}")
     pos = resize_pos_embed(model.backbone.pos_embed.data, grid)
     model.backbone.pos_embed = torch.nn.Parameter(pos)
     for embed in (model.backbone.patch_embed, model.patch_embed_coords):

@@ -1,15 +1,18 @@
-"""`cfr-train`: train or fine-tune a CFR-ICL model; options, or a TOML/JSON config file they override."""
+"""`cfr-train`: train or fine-tune a CFR-ICL model; options, or a TOML/JSON config file they override.
+
+Options follow the shared vocabulary (`cfr_runtime.cli_options`): `-o/--out` is the run folder (old spelling
+`--run-dir`), an earlier run there is continued with `--resume` or replaced with `--overwrite`, never silently."""
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
 import click
 import tomllib
 
+from cfr_runtime.cli_options import command, option, overwrite_option, refuse_existing
 from cfr_runtime.errors import CfrError
 
 from .loop import TrainConfig
@@ -54,38 +57,50 @@ def _d(name: str, text: str = "") -> str:
     return f"{text} [default: {shown}]".strip()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="TOML or JSON with TrainConfig keys; command-line options override it.")
-@click.option("--data", multiple=True, help="Training source, KIND:PATH or PATH (folder, yolo, coco, sbd, "
-              "synthetic:N). Repeatable.")
-@click.option("--val", default=None, help="Evaluation-layout folder for periodic NoC validation.")
-@click.option("--run-dir", default=None, help=_d("run_dir", "Where checkpoints and metrics.jsonl go."))
-@click.option("--arch", type=click.Choice(list(ARCHS)), default=None,
-              help=_d("arch", "Architecture when training from scratch."))
-@click.option("--init", default=None, help="Fine-tune from this official or cfr-icl checkpoint.")
-@click.option("--size", type=RANGES["size"], default=None, help=_d("size", "Crop / input size (448 official)."))
-@click.option("--steps", type=RANGES["steps"], default=None, help=_d("steps", "Optimisation steps."))
-@click.option("--batch-size", type=RANGES["batch_size"], default=None, help=_d("batch_size"))
-@click.option("--accum", type=RANGES["accum"], default=None,
-              help=_d("accum", "Gradient accumulation micro-batches per step."))
-@click.option("--lr", type=RANGES["lr"], default=None, help=_d("lr"))
-@click.option("--iterloss/--ritm", default=None, help=_d("iterloss", "ICL or the RITM baseline loss."))
-@click.option("--suem/--no-suem", default=None, help=_d("suem", "SUEM copy-paste augmentation."))
-@click.option("--amp/--no-amp", default=None, help=_d("amp", "Mixed precision (fp16 on CUDA, bf16 on CPU)."))
-@click.option("--ckpt-every", type=RANGES["ckpt_every"], default=None, help=_d("ckpt_every"))
-@click.option("--keep-every", type=RANGES["keep_every"], default=None,
-              help=_d("keep_every", "Also keep RUN_DIR/step_N.pth every N steps (0: never)."))
-@click.option("--val-every", type=RANGES["val_every"], default=None, help=_d("val_every", "0: never."))
-@click.option("--val-limit", type=RANGES["val_limit"], default=None, help=_d("val_limit"))
-@click.option("--log-every", type=RANGES["log_every"], default=None, help=_d("log_every"))
-@click.option("--seed", type=RANGES["seed"], default=None, help=_d("seed"))
-@click.option("--device", type=RANGES["device"], default=None, help=_d("device"))
-@click.option("--threads", type=RANGES["threads"], default=None, help="Torch CPU threads [default: torch's]")
-@click.option("--resume", is_flag=True, default=None, help="Continue from RUN_DIR/last.pth if present.")
-@click.option("--no-progress", is_flag=True, default=False)
-def main(config_path: Path | None, no_progress: bool, **opts) -> None:
-    """Train with ICL + SUEM; writes RUN_DIR/last.pth (resumable) and RUN_DIR/model.pth (for cfr-export)."""
+@command("cfr-train")
+@option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+        help="TOML or JSON with TrainConfig keys; command-line options override it.")
+@option("--data", multiple=True, metavar="[KIND:]PATH", help="Training source, KIND:PATH or PATH (folder, yolo, "
+        "coco:ANN.json:IMAGES, sbd, eval, synthetic:N; the kind is guessed from a bare PATH). Repeatable.")
+@option("--val", default=None, metavar="DIR", help="Evaluation-layout folder for periodic NoC validation "
+        "(see --val-every).")
+@option("-o", "--out", "run_dir", default=None, old=["--run-dir"], metavar="DIR",
+        help=_d("run_dir", "Run folder: last.pth (resumable), model.pth (for cfr-export), metrics.jsonl."))
+@option("--arch", type=click.Choice(list(ARCHS)), default=None,
+        help=_d("arch", "Architecture when training from scratch."))
+@option("--init", default=None, metavar="CHECKPOINT", help="Fine-tune from this official or cfr-icl checkpoint.")
+@option("--size", type=RANGES["size"], default=None,
+        help=_d("size", "Crop / input size in px: a multiple of the patch (16) in whole 224 px windows "
+                "(224, 448, 672, ...; 448 official)."))
+@option("--steps", type=RANGES["steps"], default=None, help=_d("steps", "Optimisation steps."))
+@option("--batch-size", type=RANGES["batch_size"], default=None, help=_d("batch_size", "Samples per micro-batch."))
+@option("--accum", type=RANGES["accum"], default=None,
+        help=_d("accum", "Gradient accumulation micro-batches per step."))
+@option("--lr", type=RANGES["lr"], default=None, help=_d("lr", "Adam learning rate."))
+@option("--iterloss/--ritm", default=None, help=_d("iterloss", "ICL or the RITM baseline loss."))
+@option("--suem/--no-suem", default=None, help=_d("suem", "SUEM copy-paste augmentation."))
+@option("--amp/--no-amp", default=None, help=_d("amp", "Mixed precision (fp16 on CUDA, bf16 on CPU)."))
+@option("--ckpt-every", type=RANGES["ckpt_every"], default=None,
+        help=_d("ckpt_every", "Write the resumable last.pth every N steps."))
+@option("--keep-every", type=RANGES["keep_every"], default=None,
+        help=_d("keep_every", "Also keep step_N.pth in the run folder every N steps (0: never)."))
+@option("--val-every", type=RANGES["val_every"], default=None,
+        help=_d("val_every", "NoC validation on --val every N steps (0: never)."))
+@option("--val-limit", type=RANGES["val_limit"], default=None,
+        help=_d("val_limit", "Instances of --val used per validation."))
+@option("--log-every", type=RANGES["log_every"], default=None,
+        help=_d("log_every", "Append mean loss and IoU to metrics.jsonl every N steps."))
+@option("--seed", type=RANGES["seed"], default=None, help=_d("seed", "Seed of initial weights, data and clicks."))
+@option("--device", type=RANGES["device"], default=None,
+        help=_d("device", "auto: CUDA when torch sees a GPU, else the CPU."))
+@option("--threads", type=RANGES["threads"], default=None, metavar="N",
+        help="Torch CPU threads [default: torch's, one per core]; fewer than the cores keeps a shared machine usable.")
+@option("--resume", is_flag=True, default=None, help="Continue the run in the run folder (-o) from its last.pth.")
+@overwrite_option("an earlier run in the run folder (its checkpoints and metrics.jsonl)")
+@option("--no-progress", is_flag=True, default=False, help="No progress bar (logs, CI).")
+def main(config_path: Path | None, no_progress: bool, overwrite: bool, **opts) -> None:
+    """Train with ICL + SUEM; writes DIR/last.pth (resumable) and DIR/model.pth (for cfr-export) into the run
+    folder DIR (-o)."""
     from .loop import train
 
     values = _load_config(config_path)
@@ -103,12 +118,29 @@ def main(config_path: Path | None, no_progress: bool, **opts) -> None:
     cfg = TrainConfig(**values)
     if not cfg.data:
         raise click.UsageError("give at least one --data source (or 'data' in --config)")
-    try:
-        final = train(cfg)
-    except CfrError as exc:
-        click.echo(f"cfr-train: error: {exc}", err=True)
-        sys.exit(2)
+    if cfg.resume and overwrite:
+        raise click.UsageError("--resume continues the run in the run folder and --overwrite starts it over; give one")
+    _check(cfg, overwrite)
+    final = train(cfg)  # a CfrError from the data or the checkpoint prints as cfr-train: error: ... (exit 2)
     click.echo(f"wrote {final}")
+
+
+def _check(cfg: TrainConfig, overwrite: bool) -> None:
+    """What can be refused before a model is built or RUN_DIR created: sources that do not exist, an input size
+    the architecture cannot run, and an earlier run in the run folder (the overwrite policy)."""
+    from .checkpoint import check_input_size
+    from .data.sources import check_source
+
+    for spec in cfg.data:
+        check_source(spec)
+    if cfg.val is not None and not Path(cfg.val).is_dir():
+        raise CfrError(f"--val {cfg.val}: no such folder")
+    if cfg.init is None:
+        check_input_size(cfg.size, ARCHS[cfg.arch]["backbone_params"]["patch_size"][0])
+    run = Path(cfg.run_dir)
+    if not (cfg.resume or overwrite):
+        refuse_existing([run / "model.pth", run / "last.pth", run / "metrics.jsonl"],
+                        "pass --resume to continue that run, --overwrite to start it over, or choose another --out")
 
 
 if __name__ == "__main__":

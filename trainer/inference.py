@@ -9,7 +9,16 @@ import numpy as np
 import torch
 
 import cfr_runtime
-from cfr_runtime.contract import FULL_IMAGE, FULL_PREV, GRAPH_FULL, GRAPH_SQUARE, INPUT_NAMES, OUTPUT_PROBS, Contract
+from cfr_runtime.contract import (
+    FULL_IMAGE,
+    FULL_PREV,
+    GRAPH_FULL,
+    GRAPH_SQUARE,
+    INPUT_DISK_ROWS,
+    INPUT_NAMES,
+    OUTPUT_PROBS,
+    Contract,
+)
 from cfr_runtime.engine import Engine
 from cfr_runtime.full_runner import FullRunner
 
@@ -23,7 +32,7 @@ class TorchRunner:
 
     Host buffers are numpy views of (pinned, on CUDA) torch tensors; device tensors are allocated once, so
     addresses never change and the forward can be captured as a CUDA graph and replayed. A run uploads
-    points and prev mask (bytes and one S x S map), the image only when the Session marks it changed,
+    disk rows and prev mask (kilobytes and one S x S map), the image only when the Session marks it changed,
     replays the graph (or calls `fn`), and downloads the probabilities with one copy.
 
     Each runner captures its own graph: a graph replays the buffers it was captured with, so two Sessions
@@ -36,9 +45,9 @@ class TorchRunner:
         cuda = self._device.type == "cuda"
         shapes = contract.shapes()
         host = {k: torch.zeros(shape, dtype=torch.float32, pin_memory=cuda) for k, shape in shapes.items()}
-        host["points"].fill_(-1.0)
+        host[INPUT_DISK_ROWS].fill_(-1.0)
         self._host = host
-        self.image, self.prev_mask, self.points = (host[k].numpy() for k in INPUT_NAMES)
+        self.image, self.prev_mask, self.disk_rows = (host[k].numpy() for k in INPUT_NAMES)
         self._probs = host[OUTPUT_PROBS].numpy()
         self._dev = {k: v.to(self._device) for k, v in host.items()} if cuda else host
         self.image_dirty = True
@@ -76,7 +85,7 @@ class TorchRunner:
                     dev["image"].copy_(host["image"], non_blocking=True)
                     self.image_dirty = False
                 dev["prev_mask"].copy_(host["prev_mask"], non_blocking=True)
-                dev["points"].copy_(host["points"], non_blocking=True)
+                dev[INPUT_DISK_ROWS].copy_(host[INPUT_DISK_ROWS], non_blocking=True)
                 if self._graph is not None:
                     self._graph.replay()
                 else:
@@ -131,7 +140,7 @@ class TorchFullRunner(FullRunner):
 
 def graph_engine(fn: Callable[..., torch.Tensor], contract: Contract, device: torch.device | str, name: str,
                  description: str, cuda_graph: bool = False) -> Engine:
-    """An Engine whose runners call `fn(image, prev_mask, points) -> probs` on `device` (square contract) or
+    """An Engine whose runners call `fn(image, prev_mask, disk_rows) -> probs` on `device` (square contract) or
     the full graph's inputs in contract order (full contract)."""
     device = torch.device(device)
     if contract.full:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_model, read_checkpoint, save_checkpoint
+from .checkpoint import check_input_size, load_model, read_checkpoint, save_checkpoint
 from .data.dataset import TrainSet
 from .data.sources import EvalSource, open_source
 from .data.suem import SuemConfig
@@ -78,6 +78,7 @@ def _build(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
         params["backbone_params"]["img_size"] = [cfg.size, cfg.size]
         return model, params
     params = arch_config(cfg.arch, cfg.size)
+    check_input_size(cfg.size, params["backbone_params"]["patch_size"][0])  # as cfr-export and fine-tuning refuse
     return build_model(params), params
 
 
@@ -121,6 +122,10 @@ def train(cfg: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     suem = SuemConfig(cfg.p_simple, cfg.p_paste, (1.0, 1.0, 1.0), cfg.p_image_mix) if cfg.suem else SuemConfig.off()
     data = TrainSet([open_source(s) for s in cfg.data], cfg.size, cfg.max_points, suem, seed=cfg.seed)
+    if rank == 0 and start == 0:
+        _clear_previous_run(run)  # a fresh start: nothing of an earlier run in this folder survives to mix in
+    elif rank == 0:
+        _trim_metrics(run / "metrics.jsonl", start)  # records a killed run logged after its last checkpoint
     log = (run / "metrics.jsonl").open("a") if rank == 0 else None
     bar = None
     if rank == 0 and cfg.progress:
@@ -180,6 +185,29 @@ def train(cfg: TrainConfig) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def _clear_previous_run(run: Path) -> None:
+    """Remove what an earlier run left in `run` (checkpoints, metrics.jsonl) before a fresh start writes there, so
+    that metrics.jsonl holds one run and `--resume` never picks up a stale last.pth. The cfr-train command line
+    refuses to get here over an earlier run without --overwrite."""
+    for path in [run / "last.pth", run / "model.pth", run / "metrics.jsonl", *run.glob("step_*.pth")]:
+        path.unlink(missing_ok=True)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (where a resumed run continues), so no step is logged twice;
+    a torn last line of a killed run goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(x + "\n" for x in kept))
 
 
 def _plain(cfg: TrainConfig) -> dict:

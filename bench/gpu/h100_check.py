@@ -54,7 +54,7 @@ def inputs(size: int, seed: int, device):
     from export.onnx_export import example_inputs
 
     ex = example_inputs(Contract(input_size=size), seed, 3, 2)
-    return tuple(torch.from_numpy(ex[k]).to(device) for k in ("image", "prev_mask", "points"))
+    return tuple(torch.from_numpy(ex[k]).to(device) for k in ("image", "prev_mask", "disk_rows"))
 
 
 def time_fn(fn, device, repeats: int = 30) -> float:
@@ -204,9 +204,12 @@ def aoti_load(device) -> dict:
     code = (
         f"import faulthandler, sys; faulthandler.enable(); sys.path.insert(0, {str(ROOT)!r})\n"
         "from export.aoti import aoti_engine\n"
-        f"e = aoti_engine({str(pkg)!r}, cuda_graph=False); r = e.new_runner(); r.points[0, 0] = [100, 100, 0]\n"
+        "from cfr_runtime.disks import fill_disk_rows\n"
+        f"e = aoti_engine({str(pkg)!r}, cuda_graph=False); r = e.new_runner()\n"
+        "fill_disk_rows(r.disk_rows, [[100.0, 100.0]], [True], 5, 224)\n"
         "print('probs mean', float(r.run().mean()))\n"
-        f"e2 = aoti_engine({str(pkg)!r}, cuda_graph=True); r2 = e2.new_runner(); r2.points[0, 0] = [100, 100, 0]\n"
+        f"e2 = aoti_engine({str(pkg)!r}, cuda_graph=True); r2 = e2.new_runner()\n"
+        "fill_disk_rows(r2.disk_rows, [[100.0, 100.0]], [True], 5, 224)\n"
         "print('graph probs mean', float(r2.run().mean()))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     return {"compile_s": compile_s, "returncode": run.returncode, "stdout": run.stdout[-2000:],

@@ -15,6 +15,7 @@ from ..contract import (
     FULL_OUT_NET,
     FULL_OUT_PROBS,
     FULL_PREV,
+    INPUT_DISK_ROWS,
     INPUT_NAMES,
     META_KEY,
     OUTPUT_PROBS,
@@ -58,7 +59,9 @@ def _contract_from_metadata(meta: dict[str, str], source: str) -> Contract:
             f"{source}: no '{META_KEY}' metadata; this ONNX file was not written by cfr-export "
             "(export the checkpoint with `cfr-export CHECKPOINT -o DIR`)"
         )
-    return Contract.from_json(meta[META_KEY], source)
+    contract = Contract.from_json(meta[META_KEY], source)
+    contract.check_runnable(source)
+    return contract
 
 
 def read_contract(session, source: str) -> Contract:
@@ -82,7 +85,7 @@ def read_contract_from_file(path: Path) -> Contract:
 class OrtRunner:
     """Buffers bound to an IO binding once. On the CPU provider the binding shares the numpy memory
     (zero-copy); on CUDA/TensorRT providers the tensors are device OrtValues at fixed addresses (which
-    ONNX Runtime's CUDA graphs require): a forward uploads points and prev mask, the image only when the
+    ONNX Runtime's CUDA graphs require): a forward uploads disk rows and prev mask, the image only when the
     Session marks it changed, and downloads the probabilities.
 
     A captured CUDA graph replays the device addresses it was captured with, so each runner of a
@@ -100,7 +103,7 @@ class OrtRunner:
             self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         bufs = alloc_buffers(contract)
-        self.image, self.prev_mask, self.points = (bufs[n] for n in INPUT_NAMES)
+        self.image, self.prev_mask, self.disk_rows = (bufs[n] for n in INPUT_NAMES)
         self._probs = bufs[OUTPUT_PROBS]
         self.image_dirty = True
         self._binding = session.io_binding()
@@ -129,7 +132,7 @@ class OrtRunner:
                 self._dev["image"].update_inplace(self.image)
                 self.image_dirty = False
             self._dev["prev_mask"].update_inplace(self.prev_mask)
-            self._dev["points"].update_inplace(self.points)
+            self._dev[INPUT_DISK_ROWS].update_inplace(self.disk_rows)
         if self._lock is None:
             self._session.run_with_iobinding(self._binding, self._run_options)
         else:  # graph capture and replay on one ORT session are not safe from several threads at once

@@ -1,7 +1,7 @@
 """Native TensorRT backend: one deserialized plan per Engine, one execution context per Session.
 
 Buffers: pinned-free numpy host mirrors (the Runner protocol) and device buffers bound once with
-`set_tensor_address`; a forward uploads the points (bytes) and the prev mask, the image only when the
+`set_tensor_address`; a forward uploads the disk rows (kilobytes) and the prev mask, the image only when the
 Session marks it changed (a new image or zoom-in ROI), runs `execute_async_v3` (replayed as a CUDA graph
 after the first call) and reads back the probabilities.
 """
@@ -20,6 +20,7 @@ from ..contract import (
     FULL_OUT_NET,
     FULL_OUT_PROBS,
     FULL_PREV,
+    INPUT_DISK_ROWS,
     INPUT_NAMES,
     OUTPUT_PROBS,
 )
@@ -33,7 +34,7 @@ class TrtRunner:
     def __init__(self, engine, contract, use_cuda_graph: bool = True):
         self.context = engine.create_execution_context()
         host = alloc_buffers(contract)
-        self.image, self.prev_mask, self.points = (host[n] for n in INPUT_NAMES)
+        self.image, self.prev_mask, self.disk_rows = (host[n] for n in INPUT_NAMES)
         self._probs = host[OUTPUT_PROBS]
         self._dev = {name: cuda.DeviceBuffer(arr.nbytes) for name, arr in host.items()}
         for name, buf in self._dev.items():
@@ -54,7 +55,7 @@ class TrtRunner:
             s.h2d(self._dev["image"], self.image)
             self.image_dirty = False
         s.h2d(self._dev["prev_mask"], self.prev_mask)
-        s.h2d(self._dev["points"], self.points)
+        s.h2d(self._dev[INPUT_DISK_ROWS], self.disk_rows)
         if self._graph is not None:
             self._graph.launch()
         else:
@@ -156,6 +157,7 @@ class TrtModel:
                            "graph with Engine('model.onnx')") from None
         info = read_sidecar(path)
         name, cc = cuda.device_identity()
+        info.contract.check_runnable(str(path))
         check_plan(info, trt.__version__, name, cc, str(path))
         self.contract = info.contract
         self._trt = trt

@@ -238,9 +238,27 @@ class SyntheticSource(Source):
         return Sample(image, masks, None, f"synthetic{index}")
 
 
+def check_source(spec: str) -> tuple[str, str]:
+    """Split `KIND:PATH` and check what can be checked without reading the data: the paths exist, synthetic:N
+    has a positive N. Returns (kind or "" when it is to be guessed, rest). Cheap, so a command line can refuse
+    a mistyped --data before building a model or creating a run folder."""
+    kind, _, rest = spec.partition(":") if ":" in spec and spec.split(":")[0] in _KINDS else ("", "", spec)
+    if kind == "synthetic":
+        if rest and not (rest.isdigit() and int(rest) > 0):
+            raise InputError(f"{spec}: synthetic:N takes a positive number of scenes, got {rest!r}")
+        return kind, rest
+    paths = rest.split(":", 1) if kind == "coco" else [rest]
+    if kind == "coco" and len(paths) != 2:
+        raise InputError(f"{spec}: coco takes coco:ANNOTATIONS.json:IMAGES_DIR")
+    for path in paths:
+        if not path or not Path(path).exists():
+            raise InputError(f"{spec}: no such path {path!r}" if path != spec else f"{spec}: no such path")
+    return kind, rest
+
+
 def open_source(spec: str) -> Source:
     """`KIND:PATH` or a bare PATH (kind guessed). Kinds: folder, yolo, coco (JSON:IMAGES), sbd, eval, synthetic:N."""
-    kind, _, rest = spec.partition(":") if ":" in spec and spec.split(":")[0] in _KINDS else ("", "", spec)
+    kind, rest = check_source(spec)
     if kind == "synthetic":
         return SyntheticSource(int(rest or 64))
     path = Path(rest)

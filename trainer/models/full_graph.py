@@ -6,13 +6,9 @@ for operation (so ONNX Runtime reproduces the numpy Session bit for bit on CPU):
   as a row gather + lerp then a column gather + lerp over index/weight tables made on the host in float64
   (`cfr_runtime.resample.crop_tables`); the uint8 -> [0, 1] scaling is applied after the row gather (it is
   per pixel, so it commutes with the gather);
-- clicks from image pixels into the crop, `S * (y - r0) / (r1 - r0 + 1)`: with integer-valued float32
-  operands this float32 division is the official float64 mapping rounded to float32 (one rounding of an
-  exact quotient either way), as long as S * side < 2**24;
-- the square `ContractGraph` (normalisation, disks, flip x' = S - x' - 1, averaged logits, sigmoid); with
-  `exact_flip` the flipped click is instead one exact quotient (S (c1 + 1 - x) - w) / w, which equals the
-  official float64 flip rounded to float32 (the square graph's float32 (S - 1) - x' is 1 ulp off in a third
-  of clicks; see bench/disk_rounding.py), and padding alone decides which rows are not clicks, as there;
+- the square `ContractGraph` (normalisation, disk placement, flip, averaged logits, sigmoid); the click disks
+  arrive as `disk_rows`, decided on the host from the clicks and the zoom-in box with the official float64
+  arithmetic (`cfr_runtime.disks`: mapping into the crop, flip, membership), exactly as for the square graph;
 - paste-back into a zero H x W map through (2, H) / (2, W) tables whose weights are 0 outside the box;
 - the box of probs > zoom threshold and the A-CFR count of pixels whose (p > threshold) changed.
 """
@@ -52,21 +48,19 @@ def _lerp_cols(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, tra
 
 
 class FullGraph(nn.Module):
-    """(image_u8, prev_probs, clicks, roi, thresholds, crop/paste tables) -> (probs_full, mask_box, changed,
+    """(image_u8, prev_probs, disk_rows, thresholds, crop/paste tables) -> (probs_full, mask_box, changed,
     net_probs): see `cfr_runtime.contract` for the tensor layout."""
 
-    def __init__(self, square: ContractGraph, size: int, exact_flip: bool = False):
+    def __init__(self, square: ContractGraph, size: int):
         super().__init__()
         self.square = square
         self.size = size
-        self.exact_flip = exact_flip and square.flip
         self.register_buffer("_inv255", torch.tensor(1 / 255, dtype=torch.float32), persistent=False)
 
-    def forward(self, image_u8: torch.Tensor, prev_probs: torch.Tensor, clicks: torch.Tensor, roi: torch.Tensor,
+    def forward(self, image_u8: torch.Tensor, prev_probs: torch.Tensor, disk_rows: torch.Tensor,
                 thresholds: torch.Tensor, crop_index: torch.Tensor, crop_weight: torch.Tensor,
                 paste_row_index: torch.Tensor, paste_row_weight: torch.Tensor, paste_col_index: torch.Tensor,
                 paste_col_weight: torch.Tensor):
-        s = float(self.size)
         # crop-resize: rows then columns, as cfr_runtime.resample.Resampler
         rows = _lerp_rows(image_u8[0], crop_index[0:2], crop_weight[0:2], self._inv255)
         crop = _lerp_cols(rows, crop_index[2:4], crop_weight[2:4], transpose=True)  # (S, S, 3)
@@ -74,21 +68,7 @@ class FullGraph(nn.Module):
         prev_rows = _lerp_rows(prev_probs, crop_index[0:2], crop_weight[0:2])
         prev = _lerp_cols(prev_rows, crop_index[2:4], crop_weight[2:4], transpose=True).reshape(
             1, 1, self.size, self.size)
-        # clicks into the crop (official _transform_clicks); padding rows stay -1
-        y, x, order = clicks[:, 0:1], clicks[:, 1:2], clicks[:, 2:3]
-        invalid = torch.maximum(y, x) < 0
-        ny = (s * (y - roi[0])) / (roi[1] - roi[0] + 1)
-        nx = (s * (x - roi[2])) / (roi[3] - roi[2] + 1)
-        minus = torch.full_like(ny, -1.0)
-        points = torch.cat([torch.where(invalid, minus, ny), torch.where(invalid, minus, nx), order], dim=1)
-        if self.exact_flip:
-            w = roi[3] - roi[2] + 1
-            fx = (s * (roi[3] + 1 - x) - w) / w
-            flipped = torch.cat([points[:, 0:1], torch.where(invalid, minus, fx), order], dim=1)
-            x4 = torch.cat([image, prev], dim=1)
-            net = self.square.flip_average(x4, points.unsqueeze(0), flipped.unsqueeze(0))[0, 0]
-        else:
-            net = self.square(image, prev, points.unsqueeze(0))[0, 0]  # (S, S)
+        net = self.square(image, prev, disk_rows)[0, 0]  # (S, S)
         # paste back onto zeros (weights are 0 outside the box)
         pasted_rows = _lerp_rows(net, paste_row_index, paste_row_weight)
         probs = _lerp_cols(pasted_rows, paste_col_index, paste_col_weight, transpose=True)

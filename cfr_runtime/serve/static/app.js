@@ -9,17 +9,29 @@ window.cfr = state; // read by the browser test
 
 const layers = { image: $("image"), mask: $("mask"), clicks: $("clicks") };
 
-function setStatus(text, isError = false) {
+function setStatus(text, isError = false, title = "") {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
+  $("status").title = title;
 }
 
+// Errors show the server's message (what to do), with the error type in the tooltip.
 async function api(method, path, body, headers = {}) {
   const res = await fetch(path, { method, body, headers });
   if (res.status === 204) return null;
   const data = await res.json();
-  if (!res.ok) throw new Error(`${data.error}: ${data.message}`);
+  if (!res.ok) {
+    const err = new Error(data.message || `${res.status} ${res.statusText}`);
+    err.type = data.error;
+    throw err;
+  }
   return data;
+}
+
+function showLatency(ms, res) {
+  state.lastMs = ms; state.serverMs = res ? res.server_ms : null;
+  $("latency").textContent = ms === null ? "latency –" :
+    `last click ${ms.toFixed(1)} ms (server ${res.server_ms.toFixed(1)} ms, ${res.last_forwards} fwd)`;
 }
 
 function resize(w, h) {
@@ -67,18 +79,15 @@ function show(res, ms) {
   state.clicks = res.clicks; state.zoom = res.zoom_box;
   drawMask(res.mask);
   drawClicks();
-  if (ms !== undefined) {
-    state.lastMs = ms; state.serverMs = res.server_ms;
-    $("latency").textContent = `last click ${ms.toFixed(1)} ms (server ${res.server_ms.toFixed(1)} ms, ` +
-      `${res.last_forwards} fwd)`;
-  }
+  if (ms !== undefined) showLatency(ms, res);
   $("info").textContent = `${res.clicks.length} clicks · ${res.mode} · ${res.area} px`;
 }
 
 // Every action goes through the chain; `state.pending` lets tests wait until the page is idle.
 function enqueue(fn) {
   state.pending++;
-  state.chain = state.chain.then(fn).catch((e) => setStatus(e.message, true)).finally(() => state.pending--);
+  state.chain = state.chain.then(fn).catch((e) => setStatus(e.message, true, e.type || ""))
+    .finally(() => state.pending--);
   return state.chain;
 }
 
@@ -104,7 +113,15 @@ function click(ev, positive) {
 
 function action(name) {
   if (!state.sid) return;
-  enqueue(async () => show(await api("POST", `/sessions/${state.sid}/${name}?format=rle`)));
+  enqueue(async () => {
+    if (name === "undo" && state.clicks.length === 0) {  // checked in order, after the clicks queued before
+      setStatus("Nothing to undo: no clicks yet on this image.");
+      return;
+    }
+    show(await api("POST", `/sessions/${state.sid}/${name}?format=rle`));
+    if (name === "reset") showLatency(null);  // the last click's latency belongs to clicks that are gone
+    setStatus(name === "reset" ? "Reset: click on the object." : "");
+  });
 }
 
 async function open(file) {
@@ -115,7 +132,7 @@ async function open(file) {
   state.sid = res.session_id; state.name = file.name; state.width = res.width; state.height = res.height;
   resize(res.width, res.height);
   layers.image.getContext("2d").drawImage(bitmap, 0, 0, res.width, res.height);
-  state.clicks = []; state.zoom = null; drawClicks();
+  state.clicks = []; state.zoom = null; drawClicks(); showLatency(null);
   $("download-mask").href = `/sessions/${state.sid}/mask.png`;
   $("download-mask").classList.remove("disabled");
   $("download-clicks").disabled = false;
