@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -280,64 +281,67 @@ def run(args, argv: list[str] | None) -> dict:
     from trainer.models import arch_config, build_model
 
     tmp = Path(tempfile.mkdtemp(prefix="cfr-pareto-"))
-    if args.arch:
-        torch.manual_seed(0)
-        params = arch_config(args.arch)
-        ckpt = save_checkpoint(tmp / f"{args.arch}.pth", build_model(params), params)
-    else:
-        from trainer.default_model import default_checkpoint
+    try:  # the random checkpoint and the exported graphs: ViT-H leaves 6 GB there
+        if args.arch:
+            torch.manual_seed(0)
+            params = arch_config(args.arch)
+            ckpt = save_checkpoint(tmp / f"{args.arch}.pth", build_model(params), params)
+        else:
+            from trainer.default_model import default_checkpoint
 
-        ckpt = args.checkpoint or default_checkpoint()
-    size = args.size or (448 if args.arch else read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0])
-    arch_name = args.arch or ("default" if args.checkpoint is None else args.checkpoint.stem)
-    stem = f"pareto_{args.dataset.name}_{arch_name}_{size}"
-    if args.shard:
-        stem += f".shard{shard[0]}of{shard[1]}"
-    if not args.overwrite:
-        refuse_existing([out / f"{stem}.{ext}" for ext in ("json", "md", "png")],
-                        "pass --overwrite to replace it, or choose another --out")
+            ckpt = args.checkpoint or default_checkpoint()
+        size = args.size or (448 if args.arch else read_checkpoint(ckpt)[0]["backbone_params"]["img_size"][0])
+        arch_name = args.arch or ("default" if args.checkpoint is None else args.checkpoint.stem)
+        stem = f"pareto_{args.dataset.name}_{arch_name}_{size}"
+        if args.shard:
+            stem += f".shard{shard[0]}of{shard[1]}"
+        if not args.overwrite:
+            refuse_existing([out / f"{stem}.{ext}" for ext in ("json", "md", "png")],
+                            "pass --overwrite to replace it, or choose another --out")
 
-    paths, model, reports = build_variants(ckpt, size, args.precisions.split(","), tmp / "onnx")
-    engines, load_s = {}, {}
-    for prec, path in paths.items():
-        t = time.perf_counter()
-        engines[prec] = Engine(path, backend="ort", threads=args.threads)
-        load_s[prec] = time.perf_counter() - t
-    rows: list[tuple[dict, Timed]] = []
-    for mode in modes:
-        for prec, engine in engines.items():
-            rows.append(({"engine": "ort", "precision": prec, "mode": mode},
-                         Timed(Session(engine, **MODES[mode]))))
-        if mode in ref_modes:
-            rows.append(({"engine": REFERENCE, "precision": "fp32", "mode": mode},
-                         Timed(ReferencePredictor(model, size=size, **MODES[mode]))))
-    instances = open_dataset(args.dataset)[:args.limit][shard[0]::shard[1]]
-    load_avg = [os.getloadavg()]
-    results: list[list] = [[] for _ in rows]
-    started = time.time()
-    for i, (inst, image, gt) in enumerate(iter_loaded(instances)):
-        if i == 0:  # untimed warm-up on the first image: lazy initialisation, first-call allocations
-            for _, timed in rows:
-                evaluate_instance(timed.session, image, gt, max_clicks=2, target_iou=2.0)
-        for k, (_, timed) in enumerate(rows):  # rows interleaved per instance
-            results[k].append(evaluate_instance(timed, image, gt, inst.id, args.max_clicks, args.target_iou))
-        print(f"\r{args.dataset.name}: {i + 1}/{len(instances)} instances, {time.time() - started:.0f}s",
-              end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    load_avg.append(os.getloadavg())
-    table = [summarize_row(row, {"ious": [r.ious for r in res], "forwards": [r.forwards for r in res],
-                                 "first_s": timed.first, "later_s": timed.later}, args.max_clicks)
-             for (row, timed), res in zip(rows, results)]
-    compare(table)
-    meta = {"checkpoint": str(ckpt), "arch": arch_name, "size": size, "dataset": args.dataset.name,
-            "instances": len(instances), "max_clicks": args.max_clicks, "target_iou": args.target_iou,
-            "random_init": bool(args.arch), "cpu": cpu_info(), "versions": versions(),
-            "ort_threads": args.threads, "torch_threads": torch.get_num_threads(),
-            "engine_load_s": load_s, "verification": reports, "load_average": load_avg,
-            "engines": {p: repr(e) for p, e in engines.items()}, "shard": args.shard,
-            "command": "python bench/pareto.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
-    return write(table, meta, out, args.overwrite)
+        paths, model, reports = build_variants(ckpt, size, args.precisions.split(","), tmp / "onnx")
+        engines, load_s = {}, {}
+        for prec, path in paths.items():
+            t = time.perf_counter()
+            engines[prec] = Engine(path, backend="ort", threads=args.threads)
+            load_s[prec] = time.perf_counter() - t
+        rows: list[tuple[dict, Timed]] = []
+        for mode in modes:
+            for prec, engine in engines.items():
+                rows.append(({"engine": "ort", "precision": prec, "mode": mode},
+                             Timed(Session(engine, **MODES[mode]))))
+            if mode in ref_modes:
+                rows.append(({"engine": REFERENCE, "precision": "fp32", "mode": mode},
+                             Timed(ReferencePredictor(model, size=size, **MODES[mode]))))
+        instances = open_dataset(args.dataset)[:args.limit][shard[0]::shard[1]]
+        load_avg = [os.getloadavg()]
+        results: list[list] = [[] for _ in rows]
+        started = time.time()
+        for i, (inst, image, gt) in enumerate(iter_loaded(instances)):
+            if i == 0:  # untimed warm-up on the first image: lazy initialisation, first-call allocations
+                for _, timed in rows:
+                    evaluate_instance(timed.session, image, gt, max_clicks=2, target_iou=2.0)
+            for k, (_, timed) in enumerate(rows):  # rows interleaved per instance
+                results[k].append(evaluate_instance(timed, image, gt, inst.id, args.max_clicks, args.target_iou))
+            print(f"\r{args.dataset.name}: {i + 1}/{len(instances)} instances, {time.time() - started:.0f}s",
+                  end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        load_avg.append(os.getloadavg())
+        table = [summarize_row(row, {"ious": [r.ious for r in res], "forwards": [r.forwards for r in res],
+                                     "first_s": timed.first, "later_s": timed.later}, args.max_clicks)
+                 for (row, timed), res in zip(rows, results)]
+        compare(table)
+        meta = {"checkpoint": str(ckpt), "arch": arch_name, "size": size, "dataset": args.dataset.name,
+                "instances": len(instances), "max_clicks": args.max_clicks, "target_iou": args.target_iou,
+                "random_init": bool(args.arch), "cpu": cpu_info(), "versions": versions(),
+                "ort_threads": args.threads, "torch_threads": torch.get_num_threads(),
+                "engine_load_s": load_s, "verification": reports, "load_average": load_avg,
+                "engines": {p: repr(e) for p, e in engines.items()}, "shard": args.shard,
+                "command": "python bench/pareto.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                "date": time.strftime("%Y-%m-%d %H:%M")}
+        return write(table, meta, out, args.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def compare(table: list[dict]) -> None:
