@@ -49,6 +49,7 @@ def _commit() -> str | None:
 
 def time_command(argv: list[str], tail_lines: int = TAIL_LINES) -> dict:
     """Run `argv` in the checkout, echoing its output, and return the record (without writing it)."""
+    commit = _commit()  # before the command runs: the checkout it ran from
     start, t0 = machine(), time.perf_counter()
     tail: deque[str] = deque(maxlen=tail_lines)
     try:
@@ -68,7 +69,7 @@ def time_command(argv: list[str], tail_lines: int = TAIL_LINES) -> dict:
     end = machine()
     return {"command": shlex.join(argv), "seconds": round(seconds, 1), "minutes": f"{int(seconds // 60)}:"
             f"{int(seconds % 60):02d}", "returncode": returncode, "machine": {"start": start, "end": end},
-            "commit": _commit(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "commit": commit, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "output_tail": list(tail)}
 
 
