@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 SCRIPT = ROOT / "bench" / "timed.py"
@@ -49,3 +51,24 @@ def test_a_command_that_cannot_start_is_a_clear_error(tmp_path):
     assert done.returncode == 2
     assert "timed.py: error: cannot start 'no-such-program-here'" in done.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+def test_random_checkpoint_writes_a_loadable_checkpoint_of_the_named_arch(tmp_path, capsys):
+    """bench/random_checkpoint.py makes the checkpoint that the ViT-B export figure's command exports."""
+    import torch
+
+    from bench.random_checkpoint import main
+    from trainer.checkpoint import load_model
+
+    out = tmp_path / "tiny.pth"
+    main(["tiny", "-o", str(out)])
+    model, _ = load_model(out)
+    again = tmp_path / "again.pth"
+    main(["tiny", "-o", str(again)])
+    second, _ = load_model(again)
+    for (name, a), (_, b) in zip(model.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), f"{name}: the same seed gave other weights"
+    with pytest.raises(SystemExit) as refused:  # the overwrite policy: an existing file is refused by name
+        main(["tiny", "-o", str(out)])
+    assert refused.value.code == 2
+    assert "tiny.pth exists" in capsys.readouterr().err
