@@ -1,0 +1,65 @@
+"""The cluster's HTTP ingress: forwards every request to the replica that owns its session, retrying once.
+
+It parses nothing but the path: `/sessions/{id}/...` gives the routing key (the session id, which Serve's
+request router maps to its replica, see `routing`); everything else (the page, creates, health, CVAT) goes to
+any replica. Each request gets an operation id that a retry keeps, so a write whose replica died after
+committing it is not applied twice (`replica.ReplicaCore`). The body limit is checked here too, so an
+oversized upload is refused before it crosses the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...errors import CfrError, StateError
+from ..app import error_response
+from ..codec import http_error, read_body
+from .asgi import HttpRequest, HttpResponse, session_id_of
+
+log = logging.getLogger("cfr_runtime.serve.cluster")
+
+Send = Callable[[str, str, HttpRequest], Awaitable[HttpResponse]]
+
+
+class GatewayCore:
+    """`send(key, op_id, request)` delivers a request to a replica (a Serve deployment handle on a cluster);
+    exceptions of the `retryable` types mean the replica died or became unreachable and are retried once."""
+
+    def __init__(self, send: Send, max_body: int, retryable: tuple[type[BaseException], ...],
+                 attempts: int = 2, retry_pause_s: float = 0.05):
+        self.send, self.max_body, self.retryable = send, max_body, retryable
+        self.attempts, self.retry_pause_s = attempts, retry_pause_s
+        self.retries = 0
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            body = await read_body(request, self.max_body)
+        except CfrError as exc:
+            return error_response(exc)
+        scope = request.scope
+        req = HttpRequest(request.method, scope["path"], scope.get("query_string", b""), list(scope["headers"]),
+                          body, tuple(scope["client"]) if scope.get("client") else None)
+        key = session_id_of(req.path) or ""
+        op_id = secrets.token_hex(8)
+        for attempt in range(self.attempts):
+            try:
+                answer = await self.send(key, op_id, req)
+                break
+            except self.retryable as exc:
+                log.warning("%s %s: replica failed (%s); %s", req.method, req.path, type(exc).__name__,
+                            "retrying" if attempt + 1 < self.attempts else "giving up")
+                if attempt + 1 == self.attempts:
+                    return error_response(http_error(
+                        StateError, 503, "the replica serving this request failed and so did its successor; "
+                                         "retry in a moment"))
+                self.retries += 1
+                await asyncio.sleep(self.retry_pause_s)
+        response = Response(answer.body, status_code=answer.status)
+        response.raw_headers = answer.headers
+        return response
