@@ -181,14 +181,14 @@ class LocalRayCluster:
 
     def start(self, timeout: float = 120) -> LocalRayCluster:
         base = random.randrange(20000, 30000, 400)  # worker port ranges: 200 ports per node, away from the rest
-        ports = free_ports(17)
+        ports = free_ports(18)
         self.gcs_port, self.http_port = ports[0], ports[1]
         head = self._node_args(self.HEAD_IP, ports[2:9] + [base])
         head = ["--head", "--port", str(self.gcs_port), "--include-dashboard", "false", "--temp-dir", str(self.tmp),
-                "--ray-client-server-port", str(ports[9]), *head]
+                "--ray-client-server-port", str(ports[9]), "--dashboard-port", str(ports[10]), *head]
         self._start(head, "head.log")
         self._wait_nodes(1, timeout)
-        self._start(["--address", self.address, *self._node_args(self.WORKER_IP, ports[10:17] + [base + 200])],
+        self._start(["--address", self.address, *self._node_args(self.WORKER_IP, ports[11:18] + [base + 200])],
                     "worker.log")
         self._wait_nodes(2, timeout)
         return self

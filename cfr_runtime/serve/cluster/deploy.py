@@ -179,8 +179,9 @@ class SessionReplica:
             except Exception as exc:  # the record store restarting: try again next round
                 log.warning("replica %s: sync with the record store failed: %s", self.tag, exc)
 
-    async def info(self) -> dict:
-        """Who answered and what it holds (tests and benchmarks read it)."""
+    async def info(self, key: str = "") -> dict:
+        """Who answered and what it holds (tests and benchmarks read it). `key` routes like a session id:
+        "<tag>." reaches the replica with that tag while it lives."""
         import os
 
         import ray
@@ -207,6 +208,10 @@ class Gateway:
 
     async def __call__(self, request):
         return await self.core(request)
+
+    async def stats(self) -> dict:
+        """Requests retried after their replica failed (through a deployment handle, not HTTP)."""
+        return {"retries": self.core.retries}
 
 
 def build_app(model: str | Path | None = None, config: ServeConfig | None = None,
