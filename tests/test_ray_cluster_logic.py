@@ -13,6 +13,7 @@ pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[d
 
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
 from cfr_runtime.serve import ServeConfig, StoreLimits, UploadLimits  # noqa: E402
+from cfr_runtime.serve.cluster.batching import batching, run_batch  # noqa: E402
 from cfr_runtime.serve.cluster.record import RecordedClick, SessionState, replay  # noqa: E402
 from cfr_runtime.serve.cluster.records import CONFLICT, MISSING, OK, RecordBook  # noqa: E402
 from cfr_runtime.serve.cluster.routing import make_session_id, owner_order, tag_of  # noqa: E402
@@ -248,3 +249,112 @@ def test_expiry_and_caps_hold_across_replicas(engine, image):
         for core in cluster.cores.values():  # replicas drop the copies of expired records
             cluster.call(client, core.sync)
             assert core.store.recorded_ids() == []
+
+
+# ---- batching ---------------------------------------------------------------------------------------------
+class GroupBatcher:
+    """Holds forwards until `size` sessions have submitted one (or `wait_s` passed), then runs them as one
+    `run_batch` call: what Ray Serve's @serve.batch does in a replica, here with threads."""
+
+    def __init__(self, engine, size: int, wait_s: float = 5.0):
+        import threading
+
+        self.engine, self.size, self.wait_s = engine, size, wait_s
+        self.cond = threading.Condition()
+        self.pending: list = []
+        self.results: dict[int, np.ndarray] = {}
+        self.batch_sizes: list[int] = []
+
+    def submit(self, runner):
+        import time
+
+        with self.cond:
+            self.pending.append(runner)
+            deadline = time.monotonic() + self.wait_s
+            while id(runner) not in self.results:
+                if len(self.pending) >= self.size or (time.monotonic() >= deadline and runner in self.pending):
+                    batch, self.pending = self.pending, []
+                    self.batch_sizes.append(len(batch))
+                    for r, probs in zip(batch, run_batch(self.engine, batch)):
+                        self.results[id(r)] = probs.copy()
+                    self.cond.notify_all()
+                else:
+                    self.cond.wait(0.05)
+            return self.results.pop(id(runner))
+
+
+def test_one_click_is_the_same_batched_or_not(engine, image):
+    import threading
+
+    batcher = GroupBatcher(engine, size=3)
+    batched_engine = batching(engine, batcher.submit)
+    scripts = [[(80, 60, True), (20, 15, False)], [(100, 70, True), (60, 40, True)], [(40, 30, True), (5, 5, False)]]
+    masks: dict[int, list] = {}
+
+    def annotate(i):
+        s = Session(batched_engine, cfr=1)
+        s.set_image(decode_upload(image, UploadLimits()))
+        masks[i] = [s.add_click(x, y, p).copy() for x, y, p in scripts[i]]
+
+    threads = [threading.Thread(target=annotate, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert max(batcher.batch_sizes) == 3, batcher.batch_sizes  # forwards of three sessions in one call
+    for i, script in enumerate(scripts):
+        plain = Session(engine, cfr=1)
+        plain.set_image(decode_upload(image, UploadLimits()))
+        for k, (x, y, p) in enumerate(script):
+            assert np.array_equal(masks[i][k], plain.add_click(x, y, p)), f"session {i} click {k}"
+
+
+def test_run_batch_uses_an_engines_batched_call_when_it_has_one(engine):
+    calls = []
+
+    class BatchAxisEngine:  # what an engine over a graph with a batch axis provides
+        contract = engine.contract
+
+        def run_batch(self, runners):
+            calls.append(len(runners))
+            return [np.full((1, 1, 2, 2), i, np.float32) for i in range(len(runners))]
+
+    out = run_batch(BatchAxisEngine(), ["a", "b"])
+    assert calls == [2] and [float(o.max()) for o in out] == [0.0, 1.0]
+    assert batching(engine, None) is engine
+
+
+def test_cluster_with_batching_matches_a_session(engine, image):
+    cluster = InProcessCluster(engine, config(), n=1)
+    core = cluster.cores["r0"]
+    batcher = GroupBatcher(engine, size=1)
+    core.store.engine = batching(engine, batcher.submit)
+    with cluster.client() as client:
+        sid = create(client, image, "CFR-2")
+        a = click(client, sid, 80, 60)
+        assert a["last_forwards"] == 3 and batcher.batch_sizes == [1, 1, 1]
+        assert np.array_equal(rle_to_mask(a["mask"]), session_like(engine, image, [("mode", 2, False),
+                                                                                   ("click", 80, 60, True)]).mask)
+
+
+# ---- entry points -------------------------------------------------------------------------------------------
+def test_app_builder_arguments_and_options_are_checked(monkeypatch):
+    from cfr_runtime.errors import InputError
+    from cfr_runtime.serve.cluster import ClusterOptions, app_builder, deploy
+
+    seen = {}
+    monkeypatch.setattr(deploy, "build_app", lambda model, config, options: seen.update(
+        model=model, config=config, options=options) or "app")
+    assert app_builder({"replicas": "3", "threads": "1", "idle_timeout": "30", "max_batch_size": "4",
+                        "batch_wait_timeout_s": "0.002", "model": "m.onnx"}) == "app"
+    assert seen["model"] == "m.onnx" and seen["config"].store.idle_timeout_s == 30.0
+    o = seen["options"]
+    assert (o.replicas, o.threads, o.max_batch_size, o.batch_wait_timeout_s) == (3, 1, 4, 0.002)
+    with pytest.raises(InputError, match="unknown argument 'replica'"):
+        app_builder({"replica": 2})
+    with pytest.raises(InputError, match="positive"):
+        app_builder({"max_sessions": 0})
+    with pytest.raises(InputError, match="max_batch_size"):
+        ClusterOptions(max_batch_size=0)
+    assert deploy._driver_ip("127.0.0.2:6379") == "127.0.0.2" and deploy._driver_ip("10.0.0.5:6379") is None
+    assert deploy._driver_ip("auto") is None

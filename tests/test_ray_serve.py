@@ -1,7 +1,8 @@
 """cfr-serve on a real local Ray cluster: a head and a worker node started by the test (`ray start` on loopback
 addresses), the application deployed with one session replica per node, HTTP through Serve's proxy on
 127.0.0.1. Masks must equal a local Session's bit for bit, through a replica SIGKILLed while 8 clients click,
-and sessions expire on every replica. Skips only where Ray is not installed."""
+and sessions expire on every replica; forwards are batched across sessions. Skips only where Ray is not
+installed."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from cfr_runtime.serve.codec import UploadLimits, decode_upload, rle_to_mask  # 
 from tests.ray_util import LocalRayCluster, encode_png  # noqa: E402
 
 IDLE_S = 12.0
-OPTIONS = ClusterOptions(replicas=2, replica_cpus=0.5, threads=1, sync_interval_s=1.0)
+# forwards batched across sessions (Ray Serve's @serve.batch): every mask below is compared with an unbatched Session
+OPTIONS = ClusterOptions(replicas=2, replica_cpus=0.5, threads=1, sync_interval_s=1.0, max_batch_size=4,
+                         batch_wait_timeout_s=0.01, max_replicas_per_node=1)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,10 @@ def test_masks_equal_a_local_session_on_two_nodes(cluster, engine):
             assert r.status_code == 201, r.text
             sids.append(r.json()["session_id"])
         assert {tag_of(s) for s in sids} <= set(reps)
-        for i, sid in enumerate(sids[:3]):
+        # click in sessions of both replicas where the creates reached both (the router picks by load)
+        clicked = [next(s for s in sids if tag_of(s) == t) for t in sorted({tag_of(s) for s in sids})]
+        clicked += [s for s in sids[:-1] if s not in clicked][:3 - len(clicked)]
+        for i, sid in enumerate(clicked):
             clicks = clicks_for(i, 4)
             for k, (x, y, p) in enumerate(clicks):
                 r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": x, "y": y, "positive": p})
@@ -107,8 +113,9 @@ def test_masks_equal_a_local_session_on_two_nodes(cluster, engine):
         assert client.delete(f"/sessions/{sids[-1]}").status_code == 204
         assert client.get(f"/sessions/{sids[-1]}").status_code == 404
     after = replicas(cluster)
-    for sid in sids[:3]:  # every request of a session went to the replica that created it: no rebuilds
+    for sid in clicked:  # every request of a session went to the replica that created it: no rebuilds
         assert sid in after[tag_of(sid)]["sessions"]
+        assert after[tag_of(sid)]["counters"].get("batched_forwards", 0) > 0, after  # through @serve.batch
     assert all(info["counters"]["rebuilds"] == 0 for info in after.values())
 
 

@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..app import ServeConfig
 from ..codec import UploadLimits
 from ..store import StoreLimits
 from .asgi import HttpRequest, HttpResponse
+from .batching import run_batch
 from .records import RecordBook
 
 log = logging.getLogger("cfr_runtime.serve.cluster")
@@ -46,9 +48,12 @@ class ClusterOptions:
     replica_gpus: float = 0.0  # GPUs per session replica (fractions share a card)
     threads: int | None = None  # ONNX Runtime intra-op threads per replica (None: its own default)
     backend: str = "auto"
+    max_replicas_per_node: int | None = None  # 1 spreads the session replicas one per node
     gateway_replicas: int = 1
     gateway_cpus: float = 0.1
     max_ongoing_requests: int = 256  # per session replica; high, so a busy owner queues rather than sheds
+    max_batch_size: int = 1  # forwards of different sessions per engine call (@serve.batch); 1: no batching
+    batch_wait_timeout_s: float = 0.005  # how long a forward waits for its batch to fill
     sync_interval_s: float = 5.0  # how often a replica drops copies whose record expired elsewhere
     records_name: str = "cfr_serve_records"
     namespace: str = "cfr-serve"  # Ray namespace of the record store actor
@@ -56,8 +61,10 @@ class ClusterOptions:
     def __post_init__(self):
         from ...errors import InputError
 
-        if self.replicas < 1 or self.gateway_replicas < 1 or self.max_ongoing_requests < 1:
-            raise InputError("replicas, gateway_replicas and max_ongoing_requests must be at least 1")
+        if min(self.replicas, self.gateway_replicas, self.max_ongoing_requests, self.max_batch_size) < 1:
+            raise InputError("replicas, gateway_replicas, max_ongoing_requests and max_batch_size must be >= 1")
+        if self.batch_wait_timeout_s < 0:
+            raise InputError("batch_wait_timeout_s must be >= 0")
         if self.replica_cpus < 0 or self.replica_gpus < 0 or self.gateway_cpus < 0 or self.sync_interval_s <= 0:
             raise InputError("CPU/GPU shares must be >= 0 and sync_interval_s > 0")
 
@@ -158,18 +165,36 @@ class SessionReplica:
 
         from .replica import ReplicaCore
 
-        engine = Engine(model, backend=options.backend, threads=options.threads)
+        self.engine = Engine(model, backend=options.backend, threads=options.threads)
         self.tag = serve.get_replica_context().replica_id.unique_id
         records = ActorRecords(record_store(options, config.store, config.sweep_interval_s))
-        self.core = ReplicaCore(engine, config, records, self.tag)
+        submit = None
+        if options.max_batch_size > 1:
+            # Ray Serve's batcher (runtime-adjustable size and wait), fed from the sessions' worker threads
+            self._forward_batch = serve.batch(max_batch_size=options.max_batch_size,
+                                              batch_wait_timeout_s=options.batch_wait_timeout_s)(self._run_batch)
+            self._batch_thread = ThreadPoolExecutor(1, thread_name_prefix="cfr-batch")  # one engine call at a time
+            submit = self._submit
+        self.core = ReplicaCore(self.engine, config, records, self.tag, submit=submit)
         self.sync_interval_s = options.sync_interval_s
         self._sync_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def http(self, key: str, op_id: str, req: HttpRequest) -> HttpResponse:
         """One forwarded request. `key` (the session id, or "") is what the request router reads."""
         if self._sync_task is None:
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+            self._loop = asyncio.get_running_loop()
+            self._sync_task = self._loop.create_task(self._sync_forever())
         return await self.core.handle(op_id, req)
+
+    def _submit(self, runner):
+        """A session's forward (called in a worker thread, never on the event loop): join a batch, wait for it."""
+        return asyncio.run_coroutine_threadsafe(self._forward_batch(runner), self._loop).result()
+
+    async def _run_batch(self, runners: list) -> list:
+        self.core.counters["batches"] = self.core.counters.get("batches", 0) + 1
+        self.core.counters["batched_forwards"] = self.core.counters.get("batched_forwards", 0) + len(runners)
+        return await self._loop.run_in_executor(self._batch_thread, run_batch, self.engine, runners)
 
     async def _sync_forever(self) -> None:
         while True:
@@ -231,7 +256,7 @@ def build_app(model: str | Path | None = None, config: ServeConfig | None = None
         actor_options["num_gpus"] = options.replica_gpus
     sessions = serve.deployment(
         SessionReplica, name="sessions", num_replicas=options.replicas, ray_actor_options=actor_options,
-        max_ongoing_requests=options.max_ongoing_requests,
+        max_ongoing_requests=options.max_ongoing_requests, max_replicas_per_node=options.max_replicas_per_node,
         request_router_config=RequestRouterConfig(request_router_class=SessionRouter))
     gateway = serve.deployment(
         Gateway, name="gateway", num_replicas=options.gateway_replicas, max_ongoing_requests=1024,
@@ -279,7 +304,7 @@ def _coerce(key: str, value, default):
         return None
     if isinstance(default, bool):
         return str(value).lower() in ("1", "true", "yes")
-    if isinstance(default, int) or key == "threads":
+    if isinstance(default, int) or key in ("threads", "max_replicas_per_node"):
         return int(value)
     if isinstance(default, float):
         return float(value)

@@ -18,6 +18,7 @@ from ...engine import Engine
 from ...session import Session
 from ..codec import UploadLimits, decode_upload
 from ..store import format_mode, parse_mode
+from .batching import BatchingEngine
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,12 @@ class RecordedSession(Session):
         return SessionState(clicks, self.mode)
 
 
-def new_session(engine: Engine, mode: str) -> RecordedSession:
+def new_session(engine: Engine | BatchingEngine, mode: str) -> RecordedSession:
     cfr, adaptive = parse_mode(mode)
     return RecordedSession(engine, cfr=cfr, adaptive=adaptive)
 
 
-def replay(engine: Engine, data: bytes, state: SessionState, upload: UploadLimits) -> RecordedSession:
+def replay(engine: Engine | BatchingEngine, data: bytes, state: SessionState, upload: UploadLimits) -> RecordedSession:
     """The session a record describes: a fresh session on the decoded upload, fed the clicks in order, each
     under its own mode, then set to the current mode. Equal, mask for mask, to the session that was recorded."""
     session = new_session(engine, state.mode)

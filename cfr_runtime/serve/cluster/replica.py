@@ -33,6 +33,7 @@ from ..app import ServeConfig, create_app, error_response
 from ..codec import http_error
 from ..store import Entry, SessionStore, StoreLimits, release_memory
 from .asgi import HttpRequest, HttpResponse, call_asgi, session_id_of
+from .batching import Submit, batching
 from .record import RecordedSession, SessionState, new_session, replay
 from .records import MISSING, OK
 from .routing import make_session_id
@@ -145,9 +146,11 @@ class ReplicaCore:
 
     WRITE_ATTEMPTS = 3
 
-    def __init__(self, engine: Engine, config: ServeConfig, records, tag: str, store: ClusterStore | None = None):
+    def __init__(self, engine: Engine, config: ServeConfig, records, tag: str, store: ClusterStore | None = None,
+                 submit: Submit | None = None):
         self.engine, self.config, self.records, self.tag = engine, config, records, tag
-        self.store = store or ClusterStore(engine, config.store, tag)
+        # sessions (live and replayed) run on the batching engine when `submit` is given; the app sees the Engine
+        self.store = store or ClusterStore(batching(engine, submit), config.store, tag)
         self.app = create_app(engine, config, self.store)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._replay_slots: asyncio.Semaphore | None = None
@@ -283,7 +286,7 @@ class ReplicaCore:
         if rec.last_op == request.op_id and rec.version > 0:  # this very request was committed already
             state, version, request.redo_of, request.redo_state = rec.prev, rec.version - 1, rec.version, rec.state
         async with self._replay_slots:
-            session = await asyncio.to_thread(replay, self.engine, rec.data, state, self.config.upload)
+            session = await asyncio.to_thread(replay, self.store.engine, rec.data, state, self.config.upload)
         self.counters["rebuilds"] += 1
         log.info("replica %s rebuilt session %s... at version %d (%d clicks)", self.tag, sid[:12], version,
                  len(state.clicks))
