@@ -326,25 +326,35 @@ def serve_on_ray(address: str, model: str | Path | None = None, config: ServeCon
                  proxy_location: str = "EveryNode", block: bool = True) -> str:
     """Deploy on the Ray cluster at `address` ("auto", or the head's host:port) and, with `block`, serve until
     Ctrl-C, then take the application down. Returns the URL. What `cfr-serve --ray ADDRESS` runs."""
-    import ray
-    from ray import serve
+    from ...errors import ContractError, InputError
 
-    options = options or ClusterOptions()
-    ray.init(address=address, namespace=options.namespace, _node_ip_address=_driver_ip(address),
-             logging_level=logging.WARNING)
-    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
-    serve.run(build_app(model, config, options), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{host}:{port}/"
-    print(f"cfr-serve: on Ray at {address}: {options.replicas} session replicas\ncfr-serve: {url}", file=sys.stderr)
-    if not block:
-        return url
     try:
-        while True:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise InputError("Ray Serve is not installed; pip install 'cfr-icl[ray]'") from None
+    if model is not None and not Path(model).is_file():
+        raise ContractError(f"{model}: no such model file (on a cluster it must exist at this path on every node)")
+    options = options or ClusterOptions()
+    try:
+        ray.init(address=address, namespace=options.namespace, _node_ip_address=_driver_ip(address),
+                 logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, SystemExit) as exc:  # Ray exits when the GCS is unreachable
+        raise InputError(f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: {exc}); start one "
+                         "with `ray start --head` or give the head's host:port") from None
+    url = f"http://{host}:{port}/"
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
+        serve.run(build_app(model, config, options), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"cfr-serve: on Ray at {address}: {options.replicas} session replicas\ncfr-serve: {url}",
+              file=sys.stderr)
+        while block:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        shutdown(options)
+        if block:  # Ctrl-C, also while deploying: take the application down (its sessions end with it)
+            shutdown(options)
     return url
 
 
