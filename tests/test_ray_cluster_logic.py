@@ -358,3 +358,27 @@ def test_app_builder_arguments_and_options_are_checked(monkeypatch):
         ClusterOptions(max_batch_size=0)
     assert deploy._driver_ip("127.0.0.2:6379") == "127.0.0.2" and deploy._driver_ip("10.0.0.5:6379") is None
     assert deploy._driver_ip("auto") is None
+
+
+def test_copy_evicted_by_the_local_cap_during_a_request_is_rebuilt(engine, image):
+    """A replica's own LRU cap may drop a copy between the version check and the app's lookup (another
+    session's create on a worker thread): the record still exists, so the request is served, not 404."""
+    cluster = InProcessCluster(engine, config(), n=1)
+    core = cluster.cores["r0"]
+    with cluster.client() as client:
+        sid = create(client, image)
+        click(client, sid, 80, 60)
+        app, evicted = core.app, []
+
+        async def evicting_app(scope, receive, send):
+            if scope["type"] == "http" and not evicted:
+                evicted.append(sid)
+                core.store.discard(sid)
+            await app(scope, receive, send)
+
+        core.app = evicting_app
+        a = click(client, sid, 20, 15, False)
+        assert evicted and len(a["clicks"]) == 2 and core.counters["rebuilds"] == 1
+        ops = [("click", 80, 60, True), ("click", 20, 15, False)]
+        assert np.array_equal(rle_to_mask(a["mask"]), session_like(engine, image, ops).mask)
+        assert cluster.book.head(sid)[0] == 2 and core.store.versions[sid] == 2

@@ -246,9 +246,13 @@ class ReplicaCore:
         for _ in range(self.WRITE_ATTEMPTS):
             if entry is None:
                 return not_found(sid)
+            version = self.store.versions.get(sid)  # what this copy was built from (the LRU may drop it below)
             before = entry.session.state()
             response = await call_asgi(self.app, req)
             after = entry.session.state()
+            if response.status == 404 and after == before and self.store.peek(sid) is not entry:
+                entry = await self._rebuild(sid, request)  # the local LRU evicted the copy under our feet
+                continue
             if after == before:
                 if writes and await self.records.head(sid) is None:  # e.g. a refused click on an expired session
                     self.store.discard(sid)
@@ -261,12 +265,11 @@ class ReplicaCore:
                     return _as_http(error_response(http_error(
                         StateError, 500, f"replaying session {sid[:8]}... did not reproduce its record (is the "
                         "engine deterministic, and the same model on every replica?); reload the session")))
-                self.store.versions[sid] = request.redo_of
+                self._set_version(sid, entry, request.redo_of)
                 return response
-            status, version = await self.records.commit(sid, self.store.versions[sid], after, request.op_id,
-                                                        entry.session.nbytes)
+            status, version = await self.records.commit(sid, version, after, request.op_id, entry.session.nbytes)
             if status == OK:
-                self.store.versions[sid] = version
+                self._set_version(sid, entry, version)
                 self._answers[sid] = (request.op_id, response)
                 return response
             self.store.discard(sid)
@@ -275,6 +278,10 @@ class ReplicaCore:
             self.counters["conflicts"] += 1  # another replica moved the session on: rebuild, run again
             entry = await self._rebuild(sid, request)
         raise CfrError(f"session {sid[:8]}... kept changing on other replicas; retry the request")
+
+    def _set_version(self, sid: str, entry: Entry, version: int) -> None:
+        if self.store.peek(sid) is entry:  # unless the copy was evicted meanwhile (then the next request rebuilds)
+            self.store.versions[sid] = version
 
     async def _rebuild(self, sid: str, request: _Request) -> Entry | None:
         """The local copy of `sid` rebuilt from its record by replay (None when there is no record)."""
