@@ -229,6 +229,21 @@ def replica_infos(handle, want: int) -> list[dict]:
     return [handle.info.remote(tag + ".").result(timeout_s=60) for tag in seen]
 
 
+def record_store_latency(options, calls: int) -> dict:
+    """Round trip of one record store call (a version check) from this driver, on loopback like the replicas."""
+    import ray
+
+    actor = ray.get_actor(options.records_name, namespace=options.namespace)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        ray.get(actor.head.remote("no-such-session"))
+        times.append((time.perf_counter() - t0) * 1000)
+    t0 = time.perf_counter()  # its capacity: the one shared component, one call per click
+    ray.get([actor.head.remote("no-such-session") for _ in range(10 * calls)])
+    return {**pct(times), "calls_per_s_pipelined": round(10 * calls / (time.perf_counter() - t0), 1)}
+
+
 def session_memory(engine: Engine, plans: list) -> dict:
     """What one session holds on a replica (Session.nbytes) for the first image, fresh and after 10 clicks."""
     from cfr_runtime import Session
@@ -313,6 +328,7 @@ def main() -> None:
             handle = serve.get_deployment_handle("sessions", APP_NAME)
             load(ray_url, plans, args.clients, 2)  # warm-up: every replica's arenas and thread pools
             if i == 0:
+                result["record_store_call_ms"] = record_store_latency(options, 200)
                 load(plain.url, plans, args.clients, 2)
                 result["overhead"] = single_client_overhead(plain.url, ray_url, plans, args.single_clicks)
                 print("plain cfr-serve load ...", file=sys.stderr)
@@ -359,6 +375,12 @@ def markdown(r: dict) -> str:
                      f"{x['server_ms']['p50']:.2f} ms | {x['outside_app_ms_p50']:.2f} ms | {x['click_ms']['n']} |")
     lines += ["", f"Ray's routing overhead: **{o['routing_overhead_p50_ms']:+.2f} ms** per click at p50 "
                   "(target <= 5 ms).", ""]
+    if "record_store_call_ms" in r:
+        rs = r["record_store_call_ms"]
+        lines += [f"One record store call (a version check, driver to actor on loopback): p50 {rs['p50']:.2f} ms, "
+                  f"p99 {rs['p99']:.2f} ms ({rs['n']} calls); {rs['calls_per_s_pipelined']} calls/s when "
+                  "pipelined. A click makes one call (the commit), so this bounds the clicks/s of the whole "
+                  "cluster.", ""]
     p = r["plain_load"]
     lines += [f"## {p['clients']} clients x {p['clicks_per_client']} clicks (masks checked against a local Session)",
               "", "| server | clicks/s | p50 | p99 | errors | mean batch | replicas (node: rebuilds) |",

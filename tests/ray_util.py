@@ -7,7 +7,7 @@ logic is tested on every CI run whether or not Ray installs.
 `LocalRayCluster`: `ray start` of a head and a worker node on loopback addresses (127.0.0.2 and 127.0.0.3:
 Ray replaces 127.0.0.1 by the machine's outward address, so the test uses other addresses of the loopback
 range, which it keeps as given), each with its own ports outside the worker port range, torn down after by the
-process ids it started (never `ray stop`, which would end every Ray process on the machine).
+process group it started (never `ray stop`, which would end every Ray process on the machine).
 """
 
 from __future__ import annotations
@@ -127,8 +127,11 @@ def ray_cli() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes in session `sid` (what a `ray start --block` started with start_new_session: its daemons and
+NEW_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """Processes in process group `pgid` (what a `ray start --block` started in its own group: its daemons and
     the workers its raylet spawned)."""
     pids = []
     for d in Path("/proc").iterdir():
@@ -138,14 +141,17 @@ def _session_pids(sid: int) -> list[int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        fields_after = stat.rsplit(")", 1)[1].split()
-        if int(fields_after[3]) == sid:  # field 6 (session id); fields_after starts at field 3
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:  # field 5 (process group); the split starts at field 3
             pids.append(int(d.name))
     return pids
 
 
 class LocalRayCluster:
-    """A head and a worker node (`ray start --block`, each in its own session) on 127.0.0.2 / 127.0.0.3."""
+    """A head and a worker node (`ray start --block`, each in its own process group) on 127.0.0.2 / 127.0.0.3.
+
+    Process groups, not sessions: a new session is a new scheduler autogroup on Linux, which would give the
+    cluster a CPU share of its own against everything else on a loaded machine (and skew a benchmark against
+    a server started normally)."""
 
     HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 
@@ -156,7 +162,9 @@ class LocalRayCluster:
         self.procs: list[subprocess.Popen] = []
         self.gcs_port = None
         self.http_port = None
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0",
+        # Ray starts its workers (Serve's replicas among them) at niceness 15 by default: 0 gives them the
+        # priority of any other process here, so a benchmark against a plain server compares like with like
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0", RAY_worker_niceness="0",
                         PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
                                                                os.environ.get("PYTHONPATH")) if p))
 
@@ -167,7 +175,7 @@ class LocalRayCluster:
     def _start(self, args: list[str], log: str) -> subprocess.Popen:
         out = open(self.tmp / log, "wb")
         proc = subprocess.Popen([ray_cli(), "start", "--block", "--disable-usage-stats", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=self.env, **NEW_GROUP)
         self.procs.append(proc)
         return proc
 
@@ -222,7 +230,7 @@ class LocalRayCluster:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.tmp.glob("*.log"))
 
     def stop(self) -> None:
-        """SIGTERM each `ray start --block` (it stops its node), then SIGKILL whatever of its session is left."""
+        """SIGTERM each `ray start --block` (it stops its node), then SIGKILL whatever of its group is left."""
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -232,7 +240,7 @@ class LocalRayCluster:
             except subprocess.TimeoutExpired:
                 pass
         for proc in self.procs:
-            for pid in _session_pids(proc.pid):
+            for pid in _group_pids(proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -15,7 +15,7 @@ transaction against the record store:
   twice).
 
 Requests of one session are serialised on a replica (one asyncio lock per session id), as `cfr-serve`
-serialises the clicks of a session. Plain Python: tests run two cores against one in-process record book.
+serialises the clicks of a session. Plain Python: tests run two ReplicaCores on one in-process record book.
 """
 
 from __future__ import annotations
