@@ -43,8 +43,9 @@ from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
 
 
 # ---- 1. the engine's batch-size curve ------------------------------------------------------------------------
-def batch_curve(sizes: list[int], reps: int, threads: int | None) -> dict:
-    """Per-forward time of the default model at each batch size (CPU), and whether batching changes a result."""
+def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str = "CPUExecutionProvider") -> dict:
+    """Per-forward time of the default model at each batch size, and whether batching changes a result.
+    `provider`: CPUExecutionProvider here; CUDAExecutionProvider measures the GPU curve (onnxruntime-gpu)."""
     try:
         import onnxruntime as ort
         import torch
@@ -85,7 +86,9 @@ def batch_curve(sizes: list[int], reps: int, threads: int | None) -> dict:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        batched = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        if provider not in ort.get_available_providers():
+            return {"skipped": f"{provider} is not available in this onnxruntime"}
+        batched = ort.InferenceSession(str(path), opts, providers=[provider])
         single = ort.InferenceSession(default_model(), opts, providers=["CPUExecutionProvider"])
         alone = [batched.run(None, {k: cases[i][k] for k in names})[0] for i in range(max(sizes))]
         ref = [single.run(None, {k: cases[i][k] for k in names})[0] for i in range(max(sizes))]
@@ -108,7 +111,8 @@ def batch_curve(sizes: list[int], reps: int, threads: int | None) -> dict:
                      "items_per_s": round(1000 * b / med, 1), "reps": reps,
                      "item_bit_equal_to_batch_1": same_graph_equal[b],
                      "max_abs_diff_vs_shipped_graph": diff_vs_shipped[b]})
-    return {"device": "CPU (ONNX Runtime CPUExecutionProvider)", "threads": threads or "ORT default",
+    return {"device": f"{'CPU' if provider.startswith('CPU') else 'GPU'} (ONNX Runtime {provider})",
+            "threads": threads or "ORT default",
             "model": repr(shipped), "rows": rows}
 
 
@@ -143,6 +147,7 @@ def single_client_overhead(plain_url: str, ray_url: str, plans: list, clicks: in
 
     lat = {"plain": [], "ray": []}
     server = {"plain": [], "ray": []}
+    hops = {"gateway": [], "replica": [], "app": [], "record": []}  # Ray only: the x-cfr-*-ms headers
     with httpx.Client(timeout=120) as client:
         data, plan, _ = plans[0]
         sids = {}
@@ -161,10 +166,35 @@ def single_client_overhead(plain_url: str, ray_url: str, plans: list, clicks: in
                 lat[name].append((time.perf_counter() - t0) * 1000)
                 r.raise_for_status()
                 server[name].append(r.json()["server_ms"])
+                if name == "ray":
+                    for hop in ("replica", "app", "record"):
+                        hops[hop].append(float(r.headers[f"x-cfr-{hop}-ms"]))
+                    if "x-cfr-gateway-ms" in r.headers:  # absent with the direct ingress
+                        hops["gateway"].append(float(r.headers["x-cfr-gateway-ms"]))
     out = {name: {"click_ms": pct(lat[name]), "server_ms": pct(server[name]),
                   "outside_app_ms_p50": round(float(np.median(np.subtract(lat[name], server[name]))), 3)}
            for name in lat}
+
     out["routing_overhead_p50_ms"] = round(out["ray"]["click_ms"]["p50"] - out["plain"]["click_ms"]["p50"], 3)
+    # the same without the forward itself, whose time differs between the processes on a contended machine
+    out["routing_overhead_outside_app_p50_ms"] = round(out["ray"]["outside_app_ms_p50"]
+                                                       - out["plain"]["outside_app_ms_p50"], 3)
+
+    def med(a, b):
+        return round(float(np.median(np.subtract(a, b))), 3)
+
+    # where Ray's extra time goes, per click (p50 of the differences)
+    gateway = len(hops["gateway"]) == len(lat["ray"])
+    rest = np.subtract(np.subtract(hops["replica"], hops["app"]), hops["record"])
+    out["ray_breakdown_p50_ms"] = {
+        "client to gateway and back (Serve's HTTP proxy)": med(lat["ray"], hops["gateway"]) if gateway else None,
+        "gateway to replica and back (handle, router)": med(hops["gateway"], hops["replica"]) if gateway else None,
+        "client to replica and back (Serve's HTTP proxy, router)": None if gateway else med(lat["ray"],
+                                                                                          hops["replica"]),
+        "record store (the commit)": round(float(np.median(hops["record"])), 3),
+        "rest of the replica (locks, state checks, ASGI call)": round(float(np.median(rest)), 3),
+        "app around the endpoint (FastAPI, JSON; plain cfr-serve has it too)": med(hops["app"], server["ray"]),
+    }
     return out
 
 
@@ -277,6 +307,8 @@ def main() -> None:
     ap.add_argument("--curve-sizes", default="1,2,4,8,16")
     ap.add_argument("--curve-reps", type=int, default=8)
     ap.add_argument("--skip-curve", action="store_true")
+    ap.add_argument("--curve-provider", default="CPUExecutionProvider",
+                    help="ONNX Runtime provider of the batch-size curve (CUDAExecutionProvider on a GPU machine)")
     ap.add_argument("--tag", default="cpu_tiny")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ray")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing result with this tag")
@@ -294,7 +326,8 @@ def main() -> None:
     result["engine"] = repr(engine)
     if not args.skip_curve:
         print("batch-size curve ...", file=sys.stderr)
-        result["batch_curve"] = batch_curve([int(s) for s in args.curve_sizes.split(",")], args.curve_reps, None)
+        result["batch_curve"] = batch_curve([int(s) for s in args.curve_sizes.split(",")], args.curve_reps, None,
+                                            args.curve_provider)
     plans = make_plans(engine, args.dataset, args.clients)
     result["session_memory"] = session_memory(engine, plans)
 
@@ -308,10 +341,13 @@ def main() -> None:
     config = config_from(idle_timeout=600)
     batch_on = dict(max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000)
     # the same two cores in every case: 1 replica with ONNX Runtime's default threads, 2 replicas with one each
+    half = max(1, cpus // 2)
     setups = [("1 replica", dict(replicas=1, threads=None)),
               ("1 replica, batching", dict(replicas=1, threads=None, **batch_on)),
-              ("2 replicas", dict(replicas=2, threads=max(1, cpus // 2))),
-              ("2 replicas, batching", dict(replicas=2, threads=max(1, cpus // 2), **batch_on))]
+              ("2 replicas", dict(replicas=2, threads=half)),
+              ("2 replicas, batching", dict(replicas=2, threads=half, **batch_on)),
+              ("1 replica, direct ingress", dict(replicas=1, threads=None, ingress="direct")),
+              ("2 replicas, direct ingress", dict(replicas=2, threads=half, ingress="direct"))]
     cluster = LocalRayCluster(cpus_per_node=cpus).start()
     plain = None
     try:
@@ -333,6 +369,8 @@ def main() -> None:
                 result["overhead"] = single_client_overhead(plain.url, ray_url, plans, args.single_clicks)
                 print("plain cfr-serve load ...", file=sys.stderr)
                 result["plain_load"] = load(plain.url, plans, args.clients, args.clicks)
+            if name == "1 replica, direct ingress":
+                result["overhead_direct"] = single_client_overhead(plain.url, ray_url, plans, args.single_clicks)
             run = {"setup": name, "options": {k: v for k, v in kw.items()}, **load(ray_url, plans, args.clients,
                                                                                  args.clicks)}
             infos = replica_infos(handle, kw["replicas"])
@@ -365,16 +403,23 @@ def markdown(r: dict) -> str:
     lines = [f"# cfr-serve on Ray Serve vs plain cfr-serve: {r['engine']}", "",
              f"Machine: {r['machine']}; load average before {r['load_avg_before']}, after {r['load_avg_after']}; "
              f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}.", "", f"`{r['command']}`", ""]
-    o = r["overhead"]
-    lines += ["## Routing overhead per click (1 client, clicks interleaved between the two servers)", "",
-              "| server | click p50 | click p99 | server_ms p50 | outside the app p50 | clicks |",
-              "|---|---|---|---|---|---|"]
-    for name, label in (("plain", "plain cfr-serve"), ("ray", "Ray Serve, 1 replica")):
-        x = o[name]
-        lines.append(f"| {label} | {x['click_ms']['p50']:.2f} ms | {x['click_ms']['p99']:.2f} ms | "
-                     f"{x['server_ms']['p50']:.2f} ms | {x['outside_app_ms_p50']:.2f} ms | {x['click_ms']['n']} |")
-    lines += ["", f"Ray's routing overhead: **{o['routing_overhead_p50_ms']:+.2f} ms** per click at p50 "
-                  "(target <= 5 ms).", ""]
+    for key, title in (("overhead", "gateway (default)"), ("overhead_direct", "direct ingress")):
+        if key not in r:
+            continue
+        o = r[key]
+        lines += [f"## Routing overhead per click, {title} (1 client, clicks interleaved with plain cfr-serve)", "",
+                  "| server | click p50 | click p99 | server_ms p50 | outside the app p50 | clicks |",
+                  "|---|---|---|---|---|---|"]
+        for name, label in (("plain", "plain cfr-serve"), ("ray", f"Ray Serve, 1 replica, {title}")):
+            x = o[name]
+            lines.append(f"| {label} | {x['click_ms']['p50']:.2f} ms | {x['click_ms']['p99']:.2f} ms | "
+                         f"{x['server_ms']['p50']:.2f} ms | {x['outside_app_ms_p50']:.2f} ms | {x['click_ms']['n']} |")
+        parts = "; ".join(f"{k}: {v:.2f} ms" for k, v in o["ray_breakdown_p50_ms"].items() if v is not None)
+        lines += ["", f"Ray's routing overhead per click at p50 (target <= 5 ms): **"
+                      f"{o['routing_overhead_outside_app_p50_ms']:+.2f} ms** outside the app (client latency minus "
+                      f"the app's server_ms, Ray minus plain); {o['routing_overhead_p50_ms']:+.2f} ms in raw click "
+                      f"latency, which also carries the difference in forward time between the two processes. "
+                      f"Where Ray's time goes (p50 per click): {parts}.", ""]
     if "record_store_call_ms" in r:
         rs = r["record_store_call_ms"]
         lines += [f"One record store call (a version check, driver to actor on loopback): p50 {rs['p50']:.2f} ms, "

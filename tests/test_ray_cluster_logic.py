@@ -382,3 +382,17 @@ def test_copy_evicted_by_the_local_cap_during_a_request_is_rebuilt(engine, image
         ops = [("click", 80, 60, True), ("click", 20, 15, False)]
         assert np.array_equal(rle_to_mask(a["mask"]), session_like(engine, image, ops).mask)
         assert cluster.book.head(sid)[0] == 2 and core.store.versions[sid] == 2
+
+
+def test_idempotency_key_makes_a_client_retry_apply_once(engine, image):
+    cluster = InProcessCluster(engine, config())
+    with cluster.client() as client:
+        sid = create(client, image)
+        headers = {"Idempotency-Key": "click-1"}
+        first = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 80, "y": 60}, headers=headers)
+        again = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 80, "y": 60}, headers=headers)
+        assert first.status_code == again.status_code == 200
+        assert first.json()["mask"] == again.json()["mask"] and len(again.json()["clicks"]) == 1
+        other = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 80, "y": 60})
+        assert len(other.json()["clicks"]) == 2 and cluster.book.head(sid)[0] == 2
+        assert float(other.headers["x-cfr-gateway-ms"]) >= float(other.headers["x-cfr-replica-ms"]) > 0

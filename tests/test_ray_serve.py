@@ -209,3 +209,33 @@ def test_sessions_expire_on_every_replica(cluster):
         assert health["evicted"]["idle"] >= before["evicted"]["idle"] + len(sids)
     for info in replicas(cluster).values():
         assert info["sessions"] == [], f"replica {info['tag']} still holds copies of expired sessions"
+
+
+def test_direct_ingress_routes_by_path_and_dedupes_by_idempotency_key(cluster, engine):
+    """The session replicas as the HTTP ingress (one hop less): Serve's proxy hands the request to the request
+    router, which reads the session id from the path; a client retry with the same Idempotency-Key applies once."""
+    from dataclasses import replace
+
+    from ray import serve
+
+    serve.run(build_app(None, config_from(idle_timeout=IDLE_S), replace(OPTIONS, ingress="direct")),
+              name=APP_NAME, route_prefix="/")
+    reps = replicas(cluster)
+    data = encode_png(blob_scene(13, 120, 160)[0])
+    with httpx.Client(base_url=cluster.url, timeout=60) as client:
+        sids = [client.post("/sessions", content=data, headers={"Content-Type": "image/png"}).json()["session_id"]
+                for _ in range(4)]
+        assert {tag_of(s) for s in sids} <= set(reps)
+        for i, sid in enumerate(sids):
+            clicks = clicks_for(200 + i, 3)
+            for k, (x, y, p) in enumerate(clicks):
+                r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": x, "y": y, "positive": p},
+                                headers={"Idempotency-Key": f"{sid}-{k}"})
+                assert r.status_code == 200, r.text
+                assert np.array_equal(rle_to_mask(r.json()["mask"]), local_mask(engine, data, clicks[:k + 1]))
+            again = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 1, "y": 1, "positive": False},
+                                headers={"Idempotency-Key": f"{sid}-2"})  # a retry of the last click
+            assert again.status_code == 200 and len(again.json()["clicks"]) == 3
+    after = replicas(cluster)
+    assert all(info["counters"]["rebuilds"] == 0 for info in after.values()), "a session left its replica"
+    assert all(sid in after[tag_of(sid)]["sessions"] for sid in sids)

@@ -31,6 +31,39 @@ class HttpResponse:
     body: bytes
 
 
+IDEMPOTENCY_HEADER = b"idempotency-key"
+MAX_KEY_CHARS = 128
+
+
+async def from_starlette(request, max_body: int) -> HttpRequest:
+    """The request as data, its body read up to `max_body` bytes (InputError 413 beyond, before reading on)."""
+    from ..codec import read_body
+
+    body = await read_body(request, max_body)
+    scope = request.scope
+    return HttpRequest(request.method, scope["path"], scope.get("query_string", b""), list(scope["headers"]), body,
+                       tuple(scope["client"]) if scope.get("client") else None)
+
+
+def to_starlette(answer: HttpResponse, extra: list[tuple[bytes, bytes]] = ()):
+    from starlette.responses import Response
+
+    response = Response(answer.body, status_code=answer.status)
+    response.raw_headers = [*answer.headers, *extra]
+    return response
+
+
+def operation_id(req: HttpRequest) -> str:
+    """The id that makes a retried write apply once: the client's `Idempotency-Key` header when it sends one
+    (then its own retries are safe too), else a fresh random id (retries made on the client's behalf keep it)."""
+    import secrets
+
+    for name, value in req.headers:
+        if name.lower() == IDEMPOTENCY_HEADER and 0 < len(value) <= MAX_KEY_CHARS:
+            return "k:" + value.decode("latin-1")
+    return secrets.token_hex(8)
+
+
 def session_id_of(path: str) -> str | None:
     """The session id a request addresses (/sessions/{sid}...), or None for the page, creates, health, CVAT."""
     m = SESSION_PATH.match(path)

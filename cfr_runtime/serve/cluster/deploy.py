@@ -49,6 +49,10 @@ class ClusterOptions:
     threads: int | None = None  # ONNX Runtime intra-op threads per replica (None: its own default)
     backend: str = "auto"
     max_replicas_per_node: int | None = None  # 1 spreads the session replicas one per node
+    # "gateway": HTTP -> gateway -> session replica; a request whose replica dies is retried once, exactly once.
+    # "direct": the session replicas are the HTTP ingress (one hop less); a request whose replica dies fails at
+    # the client, whose retry is exactly-once only if it sends an Idempotency-Key header.
+    ingress: str = "gateway"
     gateway_replicas: int = 1
     gateway_cpus: float = 0.1
     max_ongoing_requests: int = 256  # per session replica; high, so a busy owner queues rather than sheds
@@ -65,6 +69,8 @@ class ClusterOptions:
             raise InputError("replicas, gateway_replicas, max_ongoing_requests and max_batch_size must be >= 1")
         if self.batch_wait_timeout_s < 0:
             raise InputError("batch_wait_timeout_s must be >= 0")
+        if self.ingress not in ("gateway", "direct"):
+            raise InputError(f"ingress must be 'gateway' or 'direct', got {self.ingress!r}")
         if self.replica_cpus < 0 or self.replica_gpus < 0 or self.gateway_cpus < 0 or self.sync_interval_s <= 0:
             raise InputError("CPU/GPU shares must be >= 0 and sync_interval_s > 0")
 
@@ -176,6 +182,7 @@ class SessionReplica:
             self._batch_thread = ThreadPoolExecutor(1, thread_name_prefix="cfr-batch")  # one engine call at a time
             submit = self._submit
         self.core = ReplicaCore(self.engine, config, records, self.tag, submit=submit)
+        self.max_body = max_request_bytes(config.upload)
         self.sync_interval_s = options.sync_interval_s
         self._sync_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,6 +193,18 @@ class SessionReplica:
             self._loop = asyncio.get_running_loop()
             self._sync_task = self._loop.create_task(self._sync_forever())
         return await self.core.handle(op_id, req)
+
+    async def __call__(self, request):
+        """HTTP straight from Serve's proxy (`ingress="direct"`); the request router read the session id."""
+        from ...errors import CfrError
+        from ..app import error_response
+        from .asgi import from_starlette, operation_id, session_id_of, to_starlette
+
+        try:
+            req = await from_starlette(request, self.max_body)
+        except CfrError as exc:
+            return error_response(exc)
+        return to_starlette(await self.http(session_id_of(req.path) or "", operation_id(req), req))
 
     def _submit(self, runner):
         """A session's forward (called in a worker thread, never on the event loop): join a batch, wait for it."""
@@ -241,7 +260,8 @@ class Gateway:
 
 def build_app(model: str | Path | None = None, config: ServeConfig | None = None,
               options: ClusterOptions | None = None):
-    """The Serve application (gateway + session replicas); deploy it with `serve.run(app, route_prefix="/")`."""
+    """The Serve application (gateway + session replicas, or the replicas alone with `ingress="direct"`);
+    deploy it with `serve.run(app, route_prefix="/")`."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -261,6 +281,8 @@ def build_app(model: str | Path | None = None, config: ServeConfig | None = None
     gateway = serve.deployment(
         Gateway, name="gateway", num_replicas=options.gateway_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": options.gateway_cpus})
+    if options.ingress == "direct":
+        return sessions.bind(model, config, options)
     return gateway.bind(sessions.bind(model, config, options), max_request_bytes(config.upload))
 
 

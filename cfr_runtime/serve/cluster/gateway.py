@@ -3,7 +3,8 @@
 It parses nothing but the path: `/sessions/{id}/...` gives the routing key (the session id, which Serve's
 request router maps to its replica, see `routing`); everything else (the page, creates, health, CVAT) goes to
 any replica. Each request gets an operation id that a retry keeps, so a write whose replica died after
-committing it is not applied twice (`replica.ReplicaCore`). The body limit is checked here too, so an
+committing it is not applied twice (`replica.ReplicaCore`); a client that retries on its own sends an
+`Idempotency-Key` header, which becomes the operation id. The body limit is checked here too, so an
 oversized upload is refused before it crosses the cluster.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
@@ -19,8 +20,8 @@ from starlette.responses import Response
 
 from ...errors import CfrError, StateError
 from ..app import error_response
-from ..codec import http_error, read_body
-from .asgi import HttpRequest, HttpResponse, session_id_of
+from ..codec import http_error
+from .asgi import HttpRequest, HttpResponse, from_starlette, operation_id, session_id_of, to_starlette
 
 log = logging.getLogger("cfr_runtime.serve.cluster")
 
@@ -38,15 +39,14 @@ class GatewayCore:
         self.retries = 0
 
     async def __call__(self, request: Request) -> Response:
+        """Forward one request; the answer carries `x-cfr-gateway-ms`, the time from here to the replica and back."""
+        start = time.perf_counter()
         try:
-            body = await read_body(request, self.max_body)
+            req = await from_starlette(request, self.max_body)
         except CfrError as exc:
             return error_response(exc)
-        scope = request.scope
-        req = HttpRequest(request.method, scope["path"], scope.get("query_string", b""), list(scope["headers"]),
-                          body, tuple(scope["client"]) if scope.get("client") else None)
         key = session_id_of(req.path) or ""
-        op_id = secrets.token_hex(8)
+        op_id = operation_id(req)
         for attempt in range(self.attempts):
             try:
                 answer = await self.send(key, op_id, req)
@@ -60,6 +60,4 @@ class GatewayCore:
                                          "retry in a moment"))
                 self.retries += 1
                 await asyncio.sleep(self.retry_pause_s)
-        response = Response(answer.body, status_code=answer.status)
-        response.raw_headers = answer.headers
-        return response
+        return to_starlette(answer, [(b"x-cfr-gateway-ms", b"%.3f" % ((time.perf_counter() - start) * 1000))])

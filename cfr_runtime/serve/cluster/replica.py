@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import logging
 import secrets
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -53,6 +54,8 @@ class _Request:
     cluster_stats: dict | None = None
     redo_of: int | None = None  # the record version this request already produced before its replica died
     redo_state: SessionState | None = None  # ... and the state it produced
+    app_ms: float = 0.0  # time in cfr-serve's app
+    record_ms: float = 0.0  # time waiting on the record store
 
 
 _REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("cfr_cluster_request", default=None)
@@ -131,6 +134,27 @@ class ClusterStore(SessionStore):
         self.versions.pop(entry.id, None)
 
 
+class _Timed:
+    """The record store client, adding the time of each call to the current request's `record_ms`."""
+
+    def __init__(self, records):
+        self.inner = records
+
+    def __getattr__(self, name: str):
+        method = getattr(self.inner, name)
+
+        async def timed(*args):
+            start = time.perf_counter()
+            try:
+                return await method(*args)
+            finally:
+                request = _REQUEST.get()
+                if request is not None:
+                    request.record_ms += (time.perf_counter() - start) * 1000
+
+        return timed
+
+
 def _as_http(response) -> HttpResponse:
     return HttpResponse(response.status_code, list(response.raw_headers), bytes(response.body))
 
@@ -148,7 +172,7 @@ class ReplicaCore:
 
     def __init__(self, engine: Engine, config: ServeConfig, records, tag: str, store: ClusterStore | None = None,
                  submit: Submit | None = None):
-        self.engine, self.config, self.records, self.tag = engine, config, records, tag
+        self.engine, self.config, self.records, self.tag = engine, config, _Timed(records), tag
         # sessions (live and replayed) run on the batching engine when `submit` is given; the app sees the Engine
         self.store = store or ClusterStore(batching(engine, submit), config.store, tag)
         self.app = create_app(engine, config, self.store)
@@ -188,29 +212,49 @@ class ReplicaCore:
 
     # ---- requests -------------------------------------------------------------------------------------
     async def handle(self, op_id: str, req: HttpRequest) -> HttpResponse:
+        """One request. The answer carries the milliseconds spent in this replica (`x-cfr-replica-ms`), in the
+        app (`x-cfr-app-ms`, which includes the app's own `server_ms`) and waiting on the record store
+        (`x-cfr-record-ms`), so the cost of the cluster is visible per request."""
+        start = time.perf_counter()
         if self._lifespan is None:
             await self.start()
         request = _Request(op_id)
         token = _REQUEST.set(request)
         try:
-            sid = session_id_of(req.path)
-            if sid is not None:
-                lock = self._locks.get(sid)
-                if lock is None:
-                    lock = self._locks[sid] = asyncio.Lock()
-                async with lock:
-                    return await self._session_request(sid, request, req)
-            if req.path == "/health":
-                request.cluster_stats = await self.records.stats()
-            if req.method == "POST" and req.path == "/sessions":
-                request.upload = req.body
-                return await self._create(request, req)
-            return await call_asgi(self.app, req)
+            response = await self._handle(request, req)
         finally:
             _REQUEST.reset(token)
+        timings = [(b"x-cfr-replica-ms", (time.perf_counter() - start) * 1000), (b"x-cfr-app-ms", request.app_ms),
+                   (b"x-cfr-record-ms", request.record_ms)]
+        return HttpResponse(response.status, [*response.headers, *((k, b"%.3f" % v) for k, v in timings)],
+                            response.body)
+
+    async def _call_app(self, req: HttpRequest) -> HttpResponse:
+        start = time.perf_counter()
+        try:
+            return await call_asgi(self.app, req)
+        finally:
+            request = _REQUEST.get()
+            if request is not None:
+                request.app_ms += (time.perf_counter() - start) * 1000
+
+    async def _handle(self, request: _Request, req: HttpRequest) -> HttpResponse:
+        sid = session_id_of(req.path)
+        if sid is not None:
+            lock = self._locks.get(sid)
+            if lock is None:
+                lock = self._locks[sid] = asyncio.Lock()
+            async with lock:
+                return await self._session_request(sid, request, req)
+        if req.path == "/health":
+            request.cluster_stats = await self.records.stats()
+        if req.method == "POST" and req.path == "/sessions":
+            request.upload = req.body
+            return await self._create(request, req)
+        return await self._call_app(req)
 
     async def _create(self, request: _Request, req: HttpRequest) -> HttpResponse:
-        response = await call_asgi(self.app, req)
+        response = await self._call_app(req)
         entry = request.created
         if entry is None or response.status != 201:
             return response
@@ -228,7 +272,7 @@ class ReplicaCore:
     async def _session_request(self, sid: str, request: _Request, req: HttpRequest) -> HttpResponse:
         if req.method == "DELETE":
             request.record_deleted = await self.records.delete(sid)
-            return await call_asgi(self.app, req)
+            return await self._call_app(req)
         writes = req.method not in ("GET", "HEAD")
         done = self._answers.get(sid)
         if writes and done is not None and done[0] == request.op_id:  # delivered twice: answer, do not redo
@@ -248,7 +292,7 @@ class ReplicaCore:
                 return not_found(sid)
             version = self.store.versions.get(sid)  # what this copy was built from (the LRU may drop it below)
             before = entry.session.state()
-            response = await call_asgi(self.app, req)
+            response = await self._call_app(req)
             after = entry.session.state()
             if response.status == 404 and after == before and self.store.peek(sid) is not entry:
                 entry = await self._rebuild(sid, request)  # the local LRU evicted the copy under our feet
@@ -260,8 +304,12 @@ class ReplicaCore:
                 return response
             if request.redo_of is not None:  # committed before its first replica died: already in the record
                 self.counters["redone"] += 1
-                if after != request.redo_state:  # cannot happen with a deterministic engine; never serve a guess
+                if after != request.redo_state:  # never serve a guess
                     self.store.discard(sid)
+                    if request.op_id.startswith("k:"):
+                        return _as_http(error_response(http_error(
+                            StateError, 409, "this Idempotency-Key was used by an earlier request that differs "
+                                             "from this one; use a new key for each new request")))
                     return _as_http(error_response(http_error(
                         StateError, 500, f"replaying session {sid[:8]}... did not reproduce its record (is the "
                         "engine deterministic, and the same model on every replica?); reload the session")))

@@ -14,20 +14,37 @@ Needs Ray (`pip install 'cfr-icl[ray]'`); imported only by `cluster.deploy`.
 
 from __future__ import annotations
 
+import pickle
 import random
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from .asgi import session_id_of
 from .routing import owner_order
 
 
 def routing_key(pending_request: PendingRequest | None) -> str:
-    """The session id of a request to the session deployment: its first argument (the gateway calls
-    `http(key, op_id, request)`); "" for requests that any replica may answer."""
+    """The session id of a request to the session deployment, "" for requests any replica may answer.
+
+    Through the gateway it is the first argument (`http(key, op_id, request)`). With the sessions deployment as
+    the HTTP ingress (`ingress="direct"`), Serve's proxy hands over its HTTP request object, whose ASGI scope
+    has the path: that attribute is Serve's internal, so where a Ray version lacks it the key is "" and the
+    session's requests go by load, each then rebuilt from its record (correct, only slower: routing is an
+    optimisation here, never what keeps the masks right)."""
     if pending_request is None or not pending_request.args:
         return ""
-    key = pending_request.args[0]
-    return key if isinstance(key, str) else ""
+    first = pending_request.args[0]
+    if isinstance(first, str):
+        return first
+    if isinstance(first, bytes):  # Serve's proxy pickles its request object (trusted: it comes from the proxy)
+        try:
+            first = pickle.loads(first)
+        except Exception:  # noqa: BLE001 - another Ray version's format: route by load
+            return ""
+    scope = getattr(first, "asgi_scope", None)
+    if isinstance(scope, dict) and isinstance(scope.get("path"), str):
+        return session_id_of(scope["path"]) or ""
+    return ""
 
 
 class SessionRouter(RequestRouter):
