@@ -43,9 +43,11 @@ from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
 
 
 # ---- 1. the engine's batch-size curve ------------------------------------------------------------------------
-def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str = "CPUExecutionProvider") -> dict:
-    """Per-forward time of the default model at each batch size, and whether batching changes a result.
-    `provider`: CPUExecutionProvider here; CUDAExecutionProvider measures the GPU curve (onnxruntime-gpu)."""
+def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str = "CPUExecutionProvider",
+                checkpoint: Path | None = None, size: int | None = None) -> dict:
+    """Per-forward time at each batch size, and whether batching changes a result. `provider`:
+    CPUExecutionProvider here; CUDAExecutionProvider measures the GPU curve (onnxruntime-gpu). `checkpoint`
+    (default: the bundled tiny model's) and `size` pick the network, e.g. an official ViT-B at 448."""
     try:
         import onnxruntime as ort
         import torch
@@ -67,9 +69,12 @@ def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str 
             logits = logits.float()
             return torch.sigmoid(upsample_logits(0.5 * (logits[:b] + logits[b:].flip(3)), x.shape[2:]))
 
+    from dataclasses import replace
+
     shipped = Engine(default_model())
-    contract = shipped.contract
-    model, _ = load_model(ROOT / "trainer" / "assets" / "default.pth", contract.input_size)
+    own = checkpoint is not None
+    contract = replace(shipped.contract, input_size=size or shipped.contract.input_size)
+    model, _ = load_model(checkpoint or ROOT / "trainer" / "assets" / "default.pth", contract.input_size)
     names = ("image", "prev_mask", "points")
     cases = [example_inputs(contract, seed=i) for i in range(max(sizes))]
 
@@ -91,7 +96,7 @@ def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str 
         batched = ort.InferenceSession(str(path), opts, providers=[provider])
         single = ort.InferenceSession(default_model(), opts, providers=["CPUExecutionProvider"])
         alone = [batched.run(None, {k: cases[i][k] for k in names})[0] for i in range(max(sizes))]
-        ref = [single.run(None, {k: cases[i][k] for k in names})[0] for i in range(max(sizes))]
+        ref = alone if own else [single.run(None, {k: cases[i][k] for k in names})[0] for i in range(max(sizes))]
         times: dict[int, list[float]] = {b: [] for b in sizes}
         same_graph_equal, diff_vs_shipped = {}, {}
         for b in sizes:
@@ -112,8 +117,8 @@ def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str 
                      "item_bit_equal_to_batch_1": same_graph_equal[b],
                      "max_abs_diff_vs_shipped_graph": diff_vs_shipped[b]})
     return {"device": f"{'CPU' if provider.startswith('CPU') else 'GPU'} (ONNX Runtime {provider})",
-            "threads": threads or "ORT default",
-            "model": repr(shipped), "rows": rows}
+            "threads": threads or "ORT default", "size": contract.input_size,
+            "model": str(checkpoint) if own else repr(shipped), "rows": rows}
 
 
 # ---- helpers for the HTTP phases -----------------------------------------------------------------------------
@@ -309,6 +314,10 @@ def main() -> None:
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--curve-provider", default="CPUExecutionProvider",
                     help="ONNX Runtime provider of the batch-size curve (CUDAExecutionProvider on a GPU machine)")
+    ap.add_argument("--curve-checkpoint", type=Path, default=None,
+                    help="checkpoint of the curve's network (default: the bundled tiny model's); with it, the "
+                         "'vs shipped graph' column compares with its own batch-1 run")
+    ap.add_argument("--curve-size", type=int, default=None, help="input size S of the curve's network")
     ap.add_argument("--tag", default="cpu_tiny")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ray")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing result with this tag")
@@ -327,7 +336,7 @@ def main() -> None:
     if not args.skip_curve:
         print("batch-size curve ...", file=sys.stderr)
         result["batch_curve"] = batch_curve([int(s) for s in args.curve_sizes.split(",")], args.curve_reps, None,
-                                            args.curve_provider)
+                                            args.curve_provider, args.curve_checkpoint, args.curve_size)
     plans = make_plans(engine, args.dataset, args.clients)
     result["session_memory"] = session_memory(engine, plans)
 
@@ -369,6 +378,14 @@ def main() -> None:
                 result["overhead"] = single_client_overhead(plain.url, ray_url, plans, args.single_clicks)
                 print("plain cfr-serve load ...", file=sys.stderr)
                 result["plain_load"] = load(plain.url, plans, args.clients, args.clicks)
+                # the same server with one thread per forward (two forwards at once, its default): what the
+                # 2-replica setups do with their cores, on one process
+                plain1 = Server(model, 600, 1)
+                try:
+                    load(plain1.url, plans, args.clients, 2)
+                    result["plain_load_1_thread"] = load(plain1.url, plans, args.clients, args.clicks)
+                finally:
+                    plain1.stop()
             if name == "1 replica, direct ingress":
                 result["overhead_direct"] = single_client_overhead(plain.url, ray_url, plans, args.single_clicks)
             run = {"setup": name, "options": {k: v for k, v in kw.items()}, **load(ray_url, plans, args.clients,
@@ -395,7 +412,8 @@ def main() -> None:
     stem.with_suffix(".md").write_text(md)
     print(md)
     print(f"wrote {stem}.json and {stem.name}.md")
-    bad = result["plain_load"]["errors"] + sum(r["errors"] for r in result["ray_load"])
+    bad = (result["plain_load"]["errors"] + result["plain_load_1_thread"]["errors"]
+           + sum(r["errors"] for r in result["ray_load"]))
     sys.exit(1 if bad else 0)
 
 
@@ -432,6 +450,10 @@ def markdown(r: dict) -> str:
               "|---|---|---|---|---|---|---|",
               f"| plain cfr-serve | {p['clicks_per_s']} | {p['click_ms']['p50']:.1f} ms | "
               f"{p['click_ms']['p99']:.1f} ms | {p['errors']} | - | - |"]
+    if "plain_load_1_thread" in r:
+        p1 = r["plain_load_1_thread"]
+        lines.append(f"| plain cfr-serve, --threads 1 | {p1['clicks_per_s']} | {p1['click_ms']['p50']:.1f} ms | "
+                     f"{p1['click_ms']['p99']:.1f} ms | {p1['errors']} | - | - |")
     for run in r["ray_load"]:
         reps = ", ".join(f"{x['node']}: {x['rebuilds']}" for x in run["replicas"])
         lines.append(f"| Ray, {run['setup']} | {run['clicks_per_s']} | {run['click_ms']['p50']:.1f} ms | "

@@ -23,7 +23,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ...engine import Engine
@@ -176,6 +176,8 @@ class SessionReplica:
         records = ActorRecords(record_store(options, config.store, config.sweep_interval_s))
         submit = None
         if options.max_batch_size > 1:
+            # a batch fills only if that many forwards may wait at once: the engine still runs one batch at a time
+            config = replace(config, max_concurrent=max(config.max_concurrent, options.max_batch_size))
             # Ray Serve's batcher (runtime-adjustable size and wait), fed from the sessions' worker threads
             self._forward_batch = serve.batch(max_batch_size=options.max_batch_size,
                                               batch_wait_timeout_s=options.batch_wait_timeout_s)(self._run_batch)
