@@ -76,7 +76,7 @@ def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str 
     contract = replace(shipped.contract, input_size=size or shipped.contract.input_size)
     model, _ = load_model(checkpoint or ROOT / "trainer" / "assets" / "default.pth", contract.input_size)
     names = ("image", "prev_mask", "points")
-    cases = [example_inputs(contract, seed=i) for i in range(max(sizes))]
+    cases = [example_inputs(contract, seed=i) for i in range(max(2, *sizes))]  # the export traces a batch of 2
 
     def stacked(b: int) -> dict:
         return {k: np.concatenate([cases[i][k] for i in range(b)]) for k in names}
