@@ -396,3 +396,16 @@ def test_idempotency_key_makes_a_client_retry_apply_once(engine, image):
         other = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 80, "y": 60})
         assert len(other.json()["clicks"]) == 2 and cluster.book.head(sid)[0] == 2
         assert float(other.headers["x-cfr-gateway-ms"]) >= float(other.headers["x-cfr-replica-ms"]) > 0
+
+
+def test_a_replica_failure_is_answered_in_the_project_error_format(engine, image):
+    cluster = InProcessCluster(engine, config(), n=1)
+    with cluster.client() as client:
+        sid = create(client, image)
+
+        async def broken(op_id, req):
+            raise RuntimeError("boom")
+
+        cluster.cores["r0"].handle = broken
+        r = client.post(f"/sessions/{sid}/clicks", json={"x": 5, "y": 5})
+        assert r.status_code == 500 and r.json()["error"] == "CfrError" and "RuntimeError" in r.json()["message"]

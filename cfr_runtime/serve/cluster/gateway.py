@@ -60,4 +60,8 @@ class GatewayCore:
                                          "retry in a moment"))
                 self.retries += 1
                 await asyncio.sleep(self.retry_pause_s)
+            except Exception as exc:  # a bug or a broken replica: the project's error format, not Ray's traceback
+                log.exception("%s %s failed in a replica", req.method, req.path)
+                return error_response(http_error(CfrError, 500, f"the replica failed on this request "
+                                                                f"({type(exc).__name__}); see the replica's log"))
         return to_starlette(answer, [(b"x-cfr-gateway-ms", b"%.3f" % ((time.perf_counter() - start) * 1000))])

@@ -29,7 +29,7 @@ import weakref
 from dataclasses import dataclass
 
 from ...engine import Engine
-from ...errors import CfrError, SessionNotFoundError, StateError
+from ...errors import SessionNotFoundError, StateError
 from ..app import ServeConfig, create_app, error_response
 from ..codec import http_error
 from ..store import Entry, SessionStore, StoreLimits, release_memory
@@ -325,7 +325,8 @@ class ReplicaCore:
                 return not_found(sid)
             self.counters["conflicts"] += 1  # another replica moved the session on: rebuild, run again
             entry = await self._rebuild(sid, request)
-        raise CfrError(f"session {sid[:8]}... kept changing on other replicas; retry the request")
+        return _as_http(error_response(http_error(
+            StateError, 503, f"session {sid[:8]}... kept changing on other replicas; retry the request")))
 
     def _set_version(self, sid: str, entry: Entry, version: int) -> None:
         if self.store.peek(sid) is entry:  # unless the copy was evicted meanwhile (then the next request rebuilds)
