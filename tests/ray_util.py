@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -101,12 +102,39 @@ class InProcessCluster:
             return await self.gateway(request)
 
         app = Starlette(routes=[Route("/{path:path}", endpoint, methods=["GET", "POST", "PUT", "DELETE"])])
-        return TestClient(app)
+        return TestClient(app, base_url="http://127.0.0.1")  # a Host cfr-serve answers (not "testserver")
 
     @staticmethod
     def call(client, fn, *args):
         """Await `fn(*args)` on the client's event loop (where the replicas live)."""
         return client.portal.call(fn, *args)
+
+
+class GroupBatcher:
+    """Holds forwards until `size` sessions have submitted one (or `wait_s` passed), then runs them as one
+    `Engine.run_batch` call: what Ray Serve's @serve.batch does in a replica, here with threads."""
+
+    def __init__(self, engine, size: int, wait_s: float = 5.0):
+        self.engine, self.size, self.wait_s = engine, size, wait_s
+        self.cond = threading.Condition()
+        self.pending: list = []
+        self.results: dict[int, np.ndarray] = {}
+        self.batch_sizes: list[int] = []
+
+    def submit(self, runner):
+        with self.cond:
+            self.pending.append(runner)
+            deadline = time.monotonic() + self.wait_s
+            while id(runner) not in self.results:
+                if len(self.pending) >= self.size or (time.monotonic() >= deadline and runner in self.pending):
+                    batch, self.pending = self.pending, []
+                    self.batch_sizes.append(len(batch))
+                    for r, probs in zip(batch, self.engine.run_batch(batch)):
+                        self.results[id(r)] = probs
+                    self.cond.notify_all()
+                else:
+                    self.cond.wait(0.05)
+            return self.results.pop(id(runner))
 
 
 # ---- a real local Ray cluster -------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[d
 
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
 from cfr_runtime.serve import ServeConfig, StoreLimits, UploadLimits  # noqa: E402
-from cfr_runtime.serve.cluster.batching import batching, run_batch  # noqa: E402
-from cfr_runtime.serve.cluster.record import RecordedClick, SessionState, replay  # noqa: E402
-from cfr_runtime.serve.cluster.records import CONFLICT, MISSING, OK, RecordBook  # noqa: E402
+from cfr_runtime.serve.cluster.batching import batching  # noqa: E402
+from cfr_runtime.serve.cluster.record import RecordedClick, SessionState  # noqa: E402
+from cfr_runtime.serve.cluster.records import CONFLICT, MISSING, OK, RecordBook, Refused  # noqa: E402
 from cfr_runtime.serve.cluster.routing import make_session_id, owner_order, tag_of  # noqa: E402
-from cfr_runtime.serve.codec import decode_upload, rle_to_mask  # noqa: E402
-from tests.ray_util import InProcessCluster, encode_png  # noqa: E402
+from cfr_runtime.serve.codec import EncodedImage, decode_upload, rle_to_mask  # noqa: E402
+from cfr_runtime.serve.store import SessionStore  # noqa: E402
+from tests.ray_util import GroupBatcher, InProcessCluster, encode_png  # noqa: E402
 
 
 class FakeClock:
@@ -56,23 +57,27 @@ def session_like(engine, data, ops) -> Session:
 
 # ---- record and replay ---------------------------------------------------------------------------------
 def test_replay_reproduces_a_session_whose_mode_changed(engine, image):
-    """Each click replays under the mode it ran with: the first click with CFR-2 (3 forwards), later ones
+    """The store's replay primitive with per-click modes: the first click with CFR-2 (3 forwards), later ones
     StdInfer; replaying with the final mode alone would run the first click with 1 forward."""
     ops = [("mode", 2, False), ("click", 80, 60, True), ("mode", 0, False), ("click", 20, 15, False),
            ("click", 100, 70, True)]
     original = session_like(engine, image, ops)
     state = SessionState((RecordedClick(80, 60, True, "CFR-2"), RecordedClick(20, 15, False, "StdInfer"),
                           RecordedClick(100, 70, True, "StdInfer")), "StdInfer")
-    rebuilt = replay(engine, image, state, UploadLimits())
-    assert rebuilt.forwards == original.forwards == [3, 1, 1]
-    assert np.array_equal(rebuilt.probs, original.probs) and rebuilt.roi == original.roi
-    assert rebuilt.state() == state
-    rebuilt.undo()
-    original.undo()
-    assert np.array_equal(rebuilt.probs, original.probs)
-    final_mode_only = replay(engine, image, SessionState(tuple(RecordedClick(c.x, c.y, c.positive, "StdInfer")
-                                                               for c in state.clicks), "StdInfer"), UploadLimits())
-    assert final_mode_only.forwards[0] == 1  # what a record without per-click modes would have replayed
+    store = SessionStore(engine)
+    with store.replay("img", EncodedImage(image, UploadLimits()), state.clicks, state.mode) as r:
+        assert (r.created, r.kept, r.forwards) == (True, 0, 5)
+        rebuilt = r.session
+        assert rebuilt.forwards == original.forwards == [3, 1, 1]
+        assert np.array_equal(rebuilt.probs, original.probs) and rebuilt.roi == original.roi
+        assert SessionState.of(rebuilt) == state
+    with store.replay("img", EncodedImage(image, UploadLimits()), state.clicks[:2], state.mode) as r:
+        assert (r.created, r.kept, r.forwards) == (False, 2, 0)  # the cached session, undone by one click
+        original.undo()
+        assert np.array_equal(r.session.probs, original.probs)
+    final_mode_only = [c[:3] for c in state.clicks]  # what a record without per-click modes would replay
+    with store.replay("img", EncodedImage(image, UploadLimits()), final_mode_only, "StdInfer") as r:
+        assert r.kept == 0 and r.session.forwards == [1, 1, 1]  # its first click differs in mode: not reused
 
 
 # ---- the record book -----------------------------------------------------------------------------------
@@ -105,6 +110,27 @@ def test_record_book_caps_and_expiry_are_cluster_wide():
     assert book.sweep() == 0
     clock.now += 1
     assert book.sweep() == 1 and len(book) == 0 and book.stats()["evicted"]["idle"] == 1
+
+
+def test_record_book_caps_are_fair_between_clients():
+    """The store's fairness rule, cluster-wide: a client flooding sessions evicts its own, not another's; a
+    client beyond its share is refused (429) and nothing of the others goes."""
+    book = RecordBook(StoreLimits(max_sessions=4, client_max_sessions=3))
+    for sid, client in (("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B"), ("a4", "A")):
+        assert book.create(sid, b"", SessionState(), "c", 1, client) == 0
+    assert sorted(book.live(["a1", "a2", "a3", "a4", "b1"])) == ["a2", "a3", "a4", "b1"]  # A's limit: its own went
+    assert book.create("b2", b"", SessionState(), "c", 1, "B") == 0  # B within its share (2 of 4): A's oldest goes
+    assert book.create("a5", b"", SessionState(), "c", 1, "A") == 0  # A beyond its share: its own oldest goes
+    assert sorted(book.live(["a3", "a4", "a5", "b1", "b2"])) == ["a4", "a5", "b1", "b2"]
+    assert book.evicted["count"] == 3 and book.stats()["clients"] == 2
+    small = RecordBook(StoreLimits(max_sessions=2))
+    small.create("a", b"", SessionState(), "c", 1, "A")
+    small.create("b", b"", SessionState(), "c", 1, "B")
+    refused = small.create("c", b"", SessionState(), "c", 1, "C")  # three clients, two sessions: share 0.67
+    assert isinstance(refused, Refused) and refused.status == 429 and "share" in refused.message
+    assert sorted(small.live(["a", "b", "c"])) == ["a", "b"]
+    huge = RecordBook(StoreLimits(max_memory_mb=1.0)).create("h", b"", SessionState(), "c", 2 * 2**20, "A")
+    assert isinstance(huge, Refused) and huge.status == 413
 
 
 # ---- routing --------------------------------------------------------------------------------------------
@@ -205,6 +231,8 @@ def test_stale_copies_on_two_replicas_never_serve_an_old_state(engine, image):
         # back on the owner, whose copy is one click behind: a read is checked, a write conflicts then redoes
         got = client.get(f"/sessions/{sid}").json()
         assert len(got["clicks"]) == 2 and cluster.cores[owner].counters["rebuilds"] == 1
+        # brought forward by the store's replay from the common prefix: one forward, not both clicks again
+        assert cluster.cores[owner].counters["replayed_forwards"] == 1
         cluster.alive.remove(owner)
         click(client, sid, 100, 70)  # the other copy is now stale
         cluster.alive.append(owner)
@@ -251,38 +279,32 @@ def test_expiry_and_caps_hold_across_replicas(engine, image):
             assert core.store.recorded_ids() == []
 
 
+def test_client_identity_is_kept_by_the_record_and_its_caps_hold_cluster_wide(engine, image):
+    """Sessions are accounted to the client that made them (here by the X-Client-Id header), on the replica that
+    rebuilds them too; a client beyond its cluster-wide share is refused with 429 and leaves no local copy."""
+    cfg = ServeConfig(store=StoreLimits(max_sessions=2), sweep_interval_s=3600, client_identity="header")
+    cluster = InProcessCluster(engine, cfg)
+    with cluster.client() as client:
+        alice = {"X-Client-Id": "alice"}
+        r = client.post("/sessions", content=image, headers={"Content-Type": "image/png", **alice})
+        sid = r.json()["session_id"]
+        assert cluster.cores[tag_of(sid)].store.peek(sid).client == "id:alice"
+        assert client.post(f"/sessions/{sid}/clicks", json={"x": 80, "y": 60}, headers=alice).status_code == 200
+        cluster.kill(tag_of(sid), "before")
+        assert client.post(f"/sessions/{sid}/clicks", json={"x": 20, "y": 15}, headers=alice).status_code == 200
+        heir = cluster.alive[0]
+        assert cluster.cores[heir].store.peek(sid).client == "id:alice"  # rebuilt for the same client
+        bob = client.post("/sessions", content=image, headers={"Content-Type": "image/png", "X-Client-Id": "bob"})
+        assert bob.status_code == 201
+        carol = client.post("/sessions", content=image, headers={"Content-Type": "image/png", "X-Client-Id": "c"})
+        assert carol.status_code == 429 and "share" in carol.json()["message"], carol.text
+        assert carol.headers["retry-after"] == "5"
+        kept = sorted([sid, bob.json()["session_id"]])
+        assert sorted(cluster.cores[heir].store.recorded_ids()) == kept  # carol's local copy went with the refusal
+        assert sorted(cluster.book.live(kept)) == kept and len(cluster.book) == 2
+
+
 # ---- batching ---------------------------------------------------------------------------------------------
-class GroupBatcher:
-    """Holds forwards until `size` sessions have submitted one (or `wait_s` passed), then runs them as one
-    `run_batch` call: what Ray Serve's @serve.batch does in a replica, here with threads."""
-
-    def __init__(self, engine, size: int, wait_s: float = 5.0):
-        import threading
-
-        self.engine, self.size, self.wait_s = engine, size, wait_s
-        self.cond = threading.Condition()
-        self.pending: list = []
-        self.results: dict[int, np.ndarray] = {}
-        self.batch_sizes: list[int] = []
-
-    def submit(self, runner):
-        import time
-
-        with self.cond:
-            self.pending.append(runner)
-            deadline = time.monotonic() + self.wait_s
-            while id(runner) not in self.results:
-                if len(self.pending) >= self.size or (time.monotonic() >= deadline and runner in self.pending):
-                    batch, self.pending = self.pending, []
-                    self.batch_sizes.append(len(batch))
-                    for r, probs in zip(batch, run_batch(self.engine, batch)):
-                        self.results[id(r)] = probs.copy()
-                    self.cond.notify_all()
-                else:
-                    self.cond.wait(0.05)
-            return self.results.pop(id(runner))
-
-
 def test_one_click_is_the_same_batched_or_not(engine, image):
     import threading
 
@@ -307,21 +329,6 @@ def test_one_click_is_the_same_batched_or_not(engine, image):
         plain.set_image(decode_upload(image, UploadLimits()))
         for k, (x, y, p) in enumerate(script):
             assert np.array_equal(masks[i][k], plain.add_click(x, y, p)), f"session {i} click {k}"
-
-
-def test_run_batch_uses_an_engines_batched_call_when_it_has_one(engine):
-    calls = []
-
-    class BatchAxisEngine:  # what an engine over a graph with a batch axis provides
-        contract = engine.contract
-
-        def run_batch(self, runners):
-            calls.append(len(runners))
-            return [np.full((1, 1, 2, 2), i, np.float32) for i in range(len(runners))]
-
-    out = run_batch(BatchAxisEngine(), ["a", "b"])
-    assert calls == [2] and [float(o.max()) for o in out] == [0.0, 1.0]
-    assert batching(engine, None) is engine
 
 
 def test_cluster_with_batching_matches_a_session(engine, image):

@@ -1,8 +1,9 @@
 """cfr-serve on a real local Ray cluster: a head and a worker node started by the test (`ray start` on loopback
 addresses), the application deployed with one session replica per node, HTTP through Serve's proxy on
 127.0.0.1. Masks must equal a local Session's bit for bit, through a replica SIGKILLed while 8 clients click,
-and sessions expire on every replica; forwards are batched across sessions. Skips only where Ray is not
-installed."""
+and sessions expire on every replica; forwards are batched across sessions in one engine call (the model is the
+shipped default checkpoint exported with a batch axis; the bundled batch-1 graph where torch is missing).
+Skips only where Ray is not installed."""
 
 from __future__ import annotations
 
@@ -33,14 +34,27 @@ OPTIONS = ClusterOptions(replicas=2, replica_cpus=0.5, threads=1, sync_interval_
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def model(tmp_path_factory) -> str:
+    """The model every replica and the local reference Session load: with a batch axis of 4 where torch can
+    export it, so batched forwards run as one engine call."""
+    try:
+        from export.onnx_export import export_onnx
+        from trainer.default_model import default_checkpoint
+    except ImportError:
+        return str(default_model())
+    return str(export_onnx(default_checkpoint(), tmp_path_factory.mktemp("b4"), max_batch=4)[0])
+
+
+@pytest.fixture(scope="module")
+def cluster(model):
     from ray import serve
 
     with LocalRayCluster(cpus_per_node=2) as c:
         ray = c.connect(namespace=OPTIONS.namespace)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": c.http_port}, proxy_location="HeadOnly")
-            serve.run(build_app(None, config_from(idle_timeout=IDLE_S), OPTIONS), name=APP_NAME, route_prefix="/")
+            serve.run(build_app(model, config_from(idle_timeout=IDLE_S), OPTIONS), name=APP_NAME, route_prefix="/")
+            c.model = model
             c.url = f"http://127.0.0.1:{c.http_port}"
             c.handle = serve.get_deployment_handle("sessions", APP_NAME)
             yield c
@@ -52,8 +66,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(default_model())
+def engine(model) -> Engine:
+    return Engine(model)
 
 
 def replicas(cluster, want: int = 2, timeout: float = 60) -> dict[str, dict]:
@@ -117,6 +131,7 @@ def test_masks_equal_a_local_session_on_two_nodes(cluster, engine):
         assert sid in after[tag_of(sid)]["sessions"]
         assert after[tag_of(sid)]["counters"].get("batched_forwards", 0) > 0, after  # through @serve.batch
     assert all(info["counters"]["rebuilds"] == 0 for info in after.values())
+    assert all(info["max_batch"] == Engine(cluster.model).max_batch for info in after.values())
 
 
 def test_replica_sigkilled_while_eight_clients_click(cluster, engine):
@@ -218,7 +233,7 @@ def test_direct_ingress_routes_by_path_and_dedupes_by_idempotency_key(cluster, e
 
     from ray import serve
 
-    serve.run(build_app(None, config_from(idle_timeout=IDLE_S), replace(OPTIONS, ingress="direct")),
+    serve.run(build_app(cluster.model, config_from(idle_timeout=IDLE_S), replace(OPTIONS, ingress="direct")),
               name=APP_NAME, route_prefix="/")
     reps = replicas(cluster)
     data = encode_png(blob_scene(13, 120, 160)[0])

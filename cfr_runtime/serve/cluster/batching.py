@@ -4,32 +4,21 @@ A replica's sessions run their forwards in worker threads. With batching on, eac
 in a `BatchingRunner` whose `run()` hands the real runner to `submit` and blocks until its batch has run. On
 Ray, `submit` feeds a `@serve.batch` method of the replica (`deploy.SessionReplica`), so Ray Serve's own
 batcher collects up to `max_batch_size` forwards, waiting at most `batch_wait_timeout_s` for the batch to fill,
-and `run_batch` executes them as one engine call.
-
-`run_batch` is the one place that knows how a batch runs. Today's exported contract has no batch axis (every
-graph takes (1, 3, S, S)), so it runs the batch's forwards back to back in one worker: each result is
-exactly the unbatched one, the batching costs at most the wait, and the gain is nil. An engine whose graph has
-a batch axis provides `run_batch(runners)` (stack the runners' buffers, one call, scatter the probabilities);
-nothing above this function changes. Only the square contract is wrapped: a full-resolution engine keeps its
-images and maps in the backend's own buffers per runner and is passed through unbatched.
+and `Engine.run_batch` executes them: one engine call per batch on a graph exported with a batch axis
+(`cfr-export --max-batch N`), one call per forward on a batch-1 graph (then batching only adds the wait).
+Either way each forward's probabilities are the ones the runner's own `run()` gives (bit for bit on ONNX
+Runtime's CPU provider), so a session's masks do not depend on which other sessions shared its batch, and a
+record replayed on another replica gives the same masks. Only the square contract is wrapped: a full-resolution
+engine keeps its images and maps in the backend's own buffers per runner and is passed through unbatched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
 Submit = Callable[[object], np.ndarray]
-
-
-def run_batch(engine, runners: Sequence) -> list[np.ndarray]:
-    """The forwards of `runners` (each bound to one session's buffers) as one engine call; returns each
-    runner's probabilities, in order."""
-    batched = getattr(engine, "run_batch", None)
-    if batched is not None:
-        return list(batched(list(runners)))
-    return [runner.run() for runner in runners]
 
 
 class BatchingRunner:
@@ -48,8 +37,8 @@ class BatchingRunner:
         return self.inner.prev_mask
 
     @property
-    def points(self) -> np.ndarray:
-        return self.inner.points
+    def disk_rows(self) -> np.ndarray:
+        return self.inner.disk_rows
 
     @property
     def image_dirty(self) -> bool:

@@ -31,7 +31,6 @@ from ..app import ServeConfig
 from ..codec import UploadLimits
 from ..store import StoreLimits
 from .asgi import HttpRequest, HttpResponse
-from .batching import run_batch
 from .records import RecordBook
 
 log = logging.getLogger("cfr_runtime.serve.cluster")
@@ -99,9 +98,9 @@ class RecordStoreActor:
             await asyncio.sleep(self.sweep_interval_s)
             self.book.sweep()
 
-    async def create(self, sid, data, state, op_id, nbytes):
+    async def create(self, sid, data, state, op_id, nbytes, client):
         self._ensure_sweeper()
-        return self.book.create(sid, data, state, op_id, nbytes)
+        return self.book.create(sid, data, state, op_id, nbytes, client)
 
     async def head(self, sid):
         return self.book.head(sid)
@@ -140,8 +139,8 @@ class ActorRecords:
     def __init__(self, actor):
         self.actor = actor
 
-    async def create(self, sid, data, state, op_id, nbytes):
-        return await self.actor.create.remote(sid, data, state, op_id, nbytes)
+    async def create(self, sid, data, state, op_id, nbytes, client):
+        return await self.actor.create.remote(sid, data, state, op_id, nbytes, client)
 
     async def head(self, sid):
         return await self.actor.head.remote(sid)
@@ -175,6 +174,10 @@ class SessionReplica:
         self.tag = serve.get_replica_context().replica_id.unique_id
         records = ActorRecords(record_store(options, config.store, config.sweep_interval_s))
         submit = None
+        if options.max_batch_size > self.engine.max_batch:
+            log.warning("replica %s: max_batch_size %d but the model runs %d forward(s) per engine call (export it "
+                        "with cfr-export --max-batch %d); batches run in calls of %d", self.tag,
+                        options.max_batch_size, self.engine.max_batch, options.max_batch_size, self.engine.max_batch)
         if options.max_batch_size > 1:
             # a batch fills only if that many forwards may wait at once: the engine still runs one batch at a time
             config = replace(config, max_concurrent=max(config.max_concurrent, options.max_batch_size))
@@ -215,7 +218,7 @@ class SessionReplica:
     async def _run_batch(self, runners: list) -> list:
         self.core.counters["batches"] = self.core.counters.get("batches", 0) + 1
         self.core.counters["batched_forwards"] = self.core.counters.get("batched_forwards", 0) + len(runners)
-        return await self._loop.run_in_executor(self._batch_thread, run_batch, self.engine, runners)
+        return await self._loop.run_in_executor(self._batch_thread, self.engine.run_batch, runners)
 
     async def _sync_forever(self) -> None:
         while True:
@@ -234,7 +237,7 @@ class SessionReplica:
 
         return {"tag": self.tag, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "sessions": self.core.store.recorded_ids(), "counters": dict(self.core.counters),
-                "memory_mb": self.core.store.stats()["memory_mb"]}
+                "memory_mb": self.core.store.stats()["memory_mb"], "max_batch": self.engine.max_batch}
 
 
 class Gateway:
@@ -345,6 +348,24 @@ def _driver_ip(address: str) -> str | None:
         return None
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once a head address where nothing listens: `ray.init` would retry it for minutes (measured
+    5.5 min on Ray 2.60) before giving up. "auto" and ray:// addresses are left to Ray."""
+    import socket
+
+    from ...errors import InputError
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}; start one with "
+                         "`ray start --head` and give its address (host:port, default port 6379), or 'auto' on a "
+                         "node of the cluster") from None
+
+
 def serve_on_ray(address: str, model: str | Path | None = None, config: ServeConfig | None = None,
                  options: ClusterOptions | None = None, host: str = "127.0.0.1", port: int = 8000,
                  proxy_location: str = "EveryNode", block: bool = True) -> str:
@@ -360,6 +381,7 @@ def serve_on_ray(address: str, model: str | Path | None = None, config: ServeCon
     if model is not None and not Path(model).is_file():
         raise ContractError(f"{model}: no such model file (on a cluster it must exist at this path on every node)")
     options = options or ClusterOptions()
+    check_reachable(address)
     try:
         ray.init(address=address, namespace=options.namespace, _node_ip_address=_driver_ip(address),
                  logging_level=logging.WARNING)

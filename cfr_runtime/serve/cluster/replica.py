@@ -8,8 +8,8 @@ transaction against the record store:
 - after: if the request changed the session (clicks or mode), the new state is committed with compare-and-set
   on the version the copy was built from. Only then does the answer leave the replica. When another replica
   committed first (Serve's routing moved the session, or two routers disagreed for a moment), the copy is
-  rebuilt from the record and the request runs again; when the record is gone (expired, evicted, deleted) the
-  answer is 404, as on one machine.
+  brought to the record by the store's replay (from their common prefix) and the request runs again; when the
+  record is gone (expired, evicted, deleted) the answer is 404, as on one machine.
 - a request retried by the gateway after its replica died carries the same operation id: if that replica had
   already committed it, this one rebuilds the state before it and redoes it (same answer, nothing applied
   twice).
@@ -29,14 +29,23 @@ import weakref
 from dataclasses import dataclass
 
 from ...engine import Engine
-from ...errors import SessionNotFoundError, StateError
+from ...errors import CfrError, InputError, SessionNotFoundError, StateError
 from ..app import ServeConfig, create_app, error_response
-from ..codec import http_error
-from ..store import Entry, SessionStore, StoreLimits, release_memory
+from ..codec import EncodedImage, http_error
+from ..store import (
+    ANONYMOUS,
+    Entry,
+    ImageSource,
+    Reservation,
+    SessionStore,
+    StoreLimits,
+    advance,
+    release_memory,
+)
 from .asgi import HttpRequest, HttpResponse, call_asgi, session_id_of
 from .batching import Submit, batching
-from .record import RecordedSession, SessionState, new_session, replay
-from .records import MISSING, OK
+from .record import SessionState
+from .records import MISSING, OK, Refused
 from .routing import make_session_id
 
 log = logging.getLogger("cfr_runtime.serve.cluster")
@@ -63,37 +72,54 @@ _REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("cfr_
 
 class ClusterStore(SessionStore):
     """`SessionStore` whose sessions are local copies of records: ids carry this replica's tag, each copy
-    knows the record version it was built from, and `stats()` reports the whole cluster."""
+    knows the record version it was built from, and `stats()` reports the whole cluster. Everything else
+    (reservations before decoding, the fairness rule, expiry, adapter caches for CVAT and Label Studio) is the
+    store's own, applied to this replica's copies."""
 
     def __init__(self, engine: Engine, limits: StoreLimits, tag: str, **kwargs):
         super().__init__(engine, limits, **kwargs)
         self.tag = tag
         self.versions: dict[str, int] = {}
 
-    def create(self, rgb, mode: str = "StdInfer", key: str | None = None) -> Entry:
-        if key is not None:  # adapter sessions (CVAT) are keyed caches of a stateless protocol: local only
-            return super().create(rgb, mode, key)
-        session = new_session(self.engine, mode)
-        session.set_image(rgb)
-        entry = self.adopt(make_session_id(self.tag, secrets.token_urlsafe(24)), session, 0)
+    def new_id(self) -> str:
+        return make_session_id(self.tag, secrets.token_urlsafe(24))
+
+    def create(self, rgb, mode: str = "StdInfer", key: str | None = None, locked: bool = False,
+               client: str = ANONYMOUS, reservation: Reservation | None = None, sid: str | None = None) -> Entry:
+        entry = super().create(rgb, mode, key=key, locked=locked, client=client, reservation=reservation, sid=sid)
         request = _REQUEST.get()
-        if request is not None:
+        # a session made by POST /sessions gets a record; adapter caches (a key) and rebuilt copies (a sid) not
+        if request is not None and key is None and sid is None:
             request.created = entry
         return entry
 
-    def adopt(self, sid: str, session: RecordedSession, version: int) -> Entry:
-        """Make `session` the local copy of record `sid` at `version` (LRU caps apply, as to any session)."""
-        entry = Entry(sid, session, self.clock(), session.nbytes)
+    def rebuild(self, sid: str, image: ImageSource, state: SessionState, client: str,
+                version: int) -> tuple[Entry, int]:
+        """The local copy of record `sid` at `version`, by the store's replay primitive (`advance`): a stale copy
+        is brought forward from its common prefix with the record (one click behind costs one click), otherwise
+        a new session is opened under `sid`, memory reserved from the image header before the decode and
+        accounted to the record's client. Returns the copy and the forwards it took. Runs in a worker thread;
+        the replica serialises requests per sid."""
+        entry = self.peek(sid)
+        if entry is None:
+            header = image.header()
+            with self.reserve(header.width, header.height, client) as reservation:
+                entry = self.create(image(), state.mode, locked=True, client=client, reservation=reservation,
+                                    sid=sid)
+        else:
+            entry.lock.acquire()
+        try:
+            _, forwards = advance(entry.session, state.steps, state.mode)
+        except BaseException:
+            entry.lock.release()
+            self.discard(sid)  # a copy in an unknown state is never kept
+            raise
         with self._lock:
-            old = self._entries.get(sid)
-            if old is not None:
-                self._drop(old)
-            self._entries[sid] = entry
-            self.versions[sid] = version
-            evicted = self._enforce(keep=sid)
-        if evicted:
-            release_memory()
-        return entry
+            if self._entries.get(sid) is entry:
+                self.versions[sid] = version
+        entry.lock.release()
+        self.account(entry)
+        return entry, forwards
 
     def peek(self, sid: str) -> Entry | None:
         with self._lock:
@@ -126,8 +152,9 @@ class ClusterStore(SessionStore):
         request = _REQUEST.get()
         if request is None or request.cluster_stats is None:
             return local
-        return {**request.cluster_stats, "replica": {"tag": self.tag, "sessions": local["sessions"],
-                                                    "memory_mb": local["memory_mb"], "evicted": local["evicted"]}}
+        return {**request.cluster_stats, "replica": {
+            "tag": self.tag, "sessions": local["sessions"], "memory_mb": local["memory_mb"],
+            "reserved_mb": local["reserved_mb"], "clients": local["clients"], "evicted": local["evicted"]}}
 
     def _drop(self, entry: Entry) -> None:
         super()._drop(entry)
@@ -181,7 +208,7 @@ class ReplicaCore:
         self._lifespan = None
         self._creating: set[str] = set()
         self._answers: dict[str, tuple[str, HttpResponse]] = {}  # per session: the last committed write's answer
-        self.counters = {"rebuilds": 0, "conflicts": 0, "redone": 0}
+        self.counters = {"rebuilds": 0, "replayed_forwards": 0, "conflicts": 0, "redone": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -260,16 +287,28 @@ class ReplicaCore:
             return response
         self._creating.add(entry.id)
         try:
-            session = entry.session
-            await self.records.create(entry.id, request.upload, session.state(), request.op_id, session.nbytes)
+            recorded = await self.records.create(entry.id, request.upload, SessionState.of(entry.session),
+                                                 request.op_id, entry.nbytes, entry.client)
         except BaseException:
             self.store.discard(entry.id)
             raise
         finally:
             self._creating.discard(entry.id)
+        if isinstance(recorded, Refused):  # the cluster-wide caps (records.RecordBook._enforce)
+            self.store.discard(entry.id)
+            error = http_error(InputError if recorded.status == 413 else StateError, recorded.status,
+                               recorded.message)
+            return _as_http(error_response(error))
+        self.store.versions[entry.id] = recorded
         return response
 
     async def _session_request(self, sid: str, request: _Request, req: HttpRequest) -> HttpResponse:
+        try:
+            return await self._session_request_unchecked(sid, request, req)
+        except CfrError as exc:  # e.g. no memory here to rebuild the session (429/503), as cfr-serve answers it
+            return _as_http(error_response(exc))
+
+    async def _session_request_unchecked(self, sid: str, request: _Request, req: HttpRequest) -> HttpResponse:
         if req.method == "DELETE":
             request.record_deleted = await self.records.delete(sid)
             return await self._call_app(req)
@@ -291,9 +330,9 @@ class ReplicaCore:
             if entry is None:
                 return not_found(sid)
             version = self.store.versions.get(sid)  # what this copy was built from (the LRU may drop it below)
-            before = entry.session.state()
+            before = SessionState.of(entry.session)
             response = await self._call_app(req)
-            after = entry.session.state()
+            after = SessionState.of(entry.session)
             if response.status == 404 and after == before and self.store.peek(sid) is not entry:
                 entry = await self._rebuild(sid, request)  # the local LRU evicted the copy under our feet
                 continue
@@ -315,15 +354,17 @@ class ReplicaCore:
                         "engine deterministic, and the same model on every replica?); reload the session")))
                 self._set_version(sid, entry, request.redo_of)
                 return response
-            status, version = await self.records.commit(sid, version, after, request.op_id, entry.session.nbytes)
+            status, version = await self.records.commit(sid, version, after, request.op_id, entry.nbytes)
             if status == OK:
                 self._set_version(sid, entry, version)
                 self._answers[sid] = (request.op_id, response)
                 return response
-            self.store.discard(sid)
             if status == MISSING:
+                self.store.discard(sid)
                 return not_found(sid)
-            self.counters["conflicts"] += 1  # another replica moved the session on: rebuild, run again
+            # another replica moved the session on: bring this copy to the record (undoing this request's change
+            # and adding the clicks it missed), then run the request again
+            self.counters["conflicts"] += 1
             entry = await self._rebuild(sid, request)
         return _as_http(error_response(http_error(
             StateError, 503, f"session {sid[:8]}... kept changing on other replicas; retry the request")))
@@ -333,7 +374,8 @@ class ReplicaCore:
             self.store.versions[sid] = version
 
     async def _rebuild(self, sid: str, request: _Request) -> Entry | None:
-        """The local copy of `sid` rebuilt from its record by replay (None when there is no record)."""
+        """The local copy of `sid` brought to its record by the store's replay (`ClusterStore.rebuild`); None
+        when there is no record."""
         rec = await self.records.fetch(sid)
         if rec is None:
             self.store.discard(sid)
@@ -341,9 +383,11 @@ class ReplicaCore:
         state, version = rec.state, rec.version
         if rec.last_op == request.op_id and rec.version > 0:  # this very request was committed already
             state, version, request.redo_of, request.redo_state = rec.prev, rec.version - 1, rec.version, rec.state
+        image = EncodedImage(rec.data, self.config.upload)
         async with self._replay_slots:
-            session = await asyncio.to_thread(replay, self.store.engine, rec.data, state, self.config.upload)
+            entry, forwards = await asyncio.to_thread(self.store.rebuild, sid, image, state, rec.client, version)
         self.counters["rebuilds"] += 1
+        self.counters["replayed_forwards"] += forwards
         log.info("replica %s rebuilt session %s... at version %d (%d clicks)", self.tag, sid[:12], version,
                  len(state.clicks))
-        return self.store.adopt(sid, session, version)
+        return entry
