@@ -24,6 +24,7 @@ from ..cli_options import (
     option,
     threads_option,
 )
+from .cluster.options import check_without_ray, cluster_options, ray_options
 
 PROG = "cfr-serve"
 
@@ -73,13 +74,17 @@ def listen(host: str, port: int) -> socket.socket:
         help="Largest image (W x H), checked on the header before decoding.")
 @option("--max-concurrent", type=POSITIVE_INT, default=2, show_default=True,
         help="Forwards run at once; further clicks queue (about the number of cores).")
+# ---- cfr-serve --ray ADDRESS (issue 18): the same app on a Ray Serve cluster; options in cluster/options.py ----
+@ray_options()
+# ---- end of the --ray options --------------------------------------------------------------------------------
 @log_level_option()
 def main(model: Path | None, host: str, port: int, backend: str, threads: int | None, idle_timeout: float,
          max_sessions: int, max_memory_mb: float, max_upload_mb: float, max_pixels: int, max_concurrent: int,
-         log_level: str) -> None:
+         log_level: str, **cluster) -> None:
     """Serve MODEL (an ONNX file or TensorRT plan from cfr-export; default: the bundled tiny model) over HTTP.
 
-    Open http://HOST:PORT/ for the annotation page; the API is described at /docs.
+    Open http://HOST:PORT/ for the annotation page; the API is described at /docs. With --ray ADDRESS the same
+    service runs on a Ray cluster (docs/ray.md).
     """
     try:
         import uvicorn
@@ -91,11 +96,21 @@ def main(model: Path | None, host: str, port: int, backend: str, threads: int | 
         from .store import StoreLimits
     except ImportError as exc:
         fail(PROG, f"{exc.name} is missing; install the extra: pip install 'cfr-icl[serve]'")
-    engine = Engine(model or default_model(), backend=backend, threads=threads)  # a CfrError exits 2
     config = ServeConfig(
         store=StoreLimits(idle_timeout_s=idle_timeout, max_sessions=max_sessions, max_memory_mb=max_memory_mb),
         upload=UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels),
         sweep_interval_s=max(0.2, min(5.0, idle_timeout / 4)), max_concurrent=max_concurrent)
+    # ---- --ray (issue 18): deploy on the cluster and serve until Ctrl-C; the replicas load the model --------
+    if cluster["ray"] is None:
+        check_without_ray(click.get_current_context())
+    else:
+        from .cluster import serve_on_ray
+
+        options = cluster_options(model, threads=threads, backend=backend, **cluster)
+        serve_on_ray(cluster["ray"], model, config, options, host=host, port=port)
+        return
+    # ---- end of the --ray block ------------------------------------------------------------------------------
+    engine = Engine(model or default_model(), backend=backend, threads=threads)  # a CfrError exits 2
     app = create_app(engine, config)
     sock = listen(host, port)
     shown = f"[{host}]" if ":" in host else host
