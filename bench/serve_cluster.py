@@ -1,28 +1,30 @@
 """cfr-serve on Ray Serve vs plain cfr-serve, in one run on this machine: routing overhead, throughput, batching.
 
-1. The engine's batch-size curve (CPU, ONNX Runtime): the shipped contract has no batch axis, so the default
-   model's checkpoint is exported here with one (a bench-local graph: flip averaging per batch item) and timed
-   at each batch size; each item's probabilities are compared with the same graph at batch 1 and with the
-   shipped graph. Needs torch (the `export` extra); skipped with a note otherwise.
+0. The model: MODEL if given (it must have a batch axis of at least --batch-size: cfr-export --max-batch N), else
+   the shipped default checkpoint exported here with one (same weights as the bundled default model). Every
+   phase serves this one file, so plain cfr-serve and the cluster compare like with like.
+1. The engine's batch-size curve (`Engine.run_batch`, ONNX Runtime on this machine's provider): per-call and
+   per-item time at each batch size, whether each item equals the same runner's batch-1 run bit for bit, and
+   (default model) the batch-1 time of the batch-axis graph against the shipped static graph.
 2. A local 2-node Ray cluster (`ray start` of a head and a worker on loopback addresses, as the tests do) and
    a plain `cfr-serve` subprocess, both serving the same model.
 3. Routing overhead: one client, one session on each, clicks interleaved (plain, Ray, plain, ...) so both see
-   the same machine; p50/p99 per click from >= 100 clicks each, with the server-side time each reports.
+   the same machine; p50/p99 per click from >= 100 clicks each, with the server-side time each reports and
+   where Ray's extra time goes (the x-cfr-*-ms headers of the gateway and replica).
 4. Load: N clients at once (default 16), each its own image and session, M clicks (reset every 10): plain
    cfr-serve, then Ray with 1 and 2 session replicas, batching off and on. Every answer's mask is checked
-   against a local Session (RLE equality); clicks/s, p50/p99 per click, errors.
+   against a local Session (RLE equality); clicks/s, p50/p99 per click, errors, mean batch.
 
-    python bench/serve_cluster.py --clients 16 --clicks 30 --tag cpu_tiny
+    python bench/serve_cluster.py --clients 16 --clicks 30 --tag cpu_tiny -o bench/results/ray
 
-Writes <tag>.json/.md under --out (default bench/results/ray/) and refuses to overwrite a committed result
-unless --overwrite is given. Records the machine, its load average before and after, and the command.
+Writes <tag>.json/.md under --out (default out/bench/ray, so an ad-hoc run never replaces a committed result;
+existing files are never replaced without --overwrite). Records the machine, its load average at the start and
+the end, and the command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -30,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,87 +41,93 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from serve_load import ROUND, Server, click_plan, pct  # noqa: E402
 
+from bench.machine import describe, machine  # noqa: E402
 from cfr_runtime import Engine, default_model  # noqa: E402
+from cfr_runtime.cli_options import (  # noqa: E402
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    command,
+    dataset_option,
+    merge_alias,
+    model_argument,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+    threads_option,
+)
 from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
+
+SETUPS = ("1 replica", "1 replica, batching", "2 replicas", "2 replicas, batching", "1 replica, direct ingress",
+          "2 replicas, direct ingress")
+
+
+# ---- 0. the model ---------------------------------------------------------------------------------------------
+def batch_axis_model(model: Path | None, max_batch: int, out_dir: Path) -> tuple[Path, str]:
+    """(the model every phase serves, how it was made)."""
+    if model is not None:
+        from cfr_runtime.serve.cluster.options import model_max_batch
+
+        have = model_max_batch(model)
+        if have < max_batch:
+            raise click.UsageError(f"{model} takes batches of at most {have}; this run needs {max_batch} (the largest "
+                                   "of --batch-size and --curve-sizes): re-export it with cfr-export --max-batch "
+                                   f"{max_batch}")
+        return model, f"{model} (max_batch {have})"
+    from export.verify import export_verified
+    from trainer.default_model import default_checkpoint
+
+    path, contract, _, report = export_verified(default_checkpoint(), out_dir, None, 24, True, max_batch=max_batch)
+    return path, (f"the shipped default checkpoint exported with --max-batch {max_batch} (size {contract.input_size}; "
+                  f"verified: {report})")
 
 
 # ---- 1. the engine's batch-size curve ------------------------------------------------------------------------
-def batch_curve(sizes: list[int], reps: int, threads: int | None, provider: str = "CPUExecutionProvider",
-                checkpoint: Path | None = None, size: int | None = None) -> dict:
-    """Per-forward time at each batch size, and whether batching changes a result. `provider`:
-    CPUExecutionProvider here; CUDAExecutionProvider measures the GPU curve (onnxruntime-gpu). `checkpoint`
-    (default: the bundled tiny model's) and `size` pick the network, e.g. an official ViT-B at 448."""
-    try:
-        import onnxruntime as ort
-        import torch
+def batch_curve(model: Path, sizes: list[int], reps: int, threads: int | None, compare_static: bool) -> dict:
+    """Per-call time of `Engine.run_batch` at each batch size (round robin over the sizes, so machine load drifts
+    onto all of them alike), and whether each item equals its runner's own batch-1 run bit for bit.
+    compare_static: also time the shipped static graph at batch 1 against this graph at batch 1."""
+    from cfr_runtime.contract import INPUT_NAMES
+    from export.onnx_export import example_inputs
 
-        from export.onnx_export import example_inputs
-        from trainer.checkpoint import load_model
-        from trainer.models.graph import ContractGraph
-        from trainer.models.plainvit import upsample_logits
-    except ImportError as exc:
-        return {"skipped": f"needs torch and the export/trainer packages ({exc.name} missing)"}
-
-    class BatchAxisGraph(ContractGraph):
-        """The contract function with a batch axis: flip averaging per item (bench only; the real change
-        belongs to the contract, `trainer/models/graph.py` and the export)."""
-
-        def flip_average(self, x, points, flipped):
-            b = x.shape[0]
-            logits = self.model.lowres_logits(torch.cat([x, x.flip(3)], 0), torch.cat([points, flipped], 0))
-            logits = logits.float()
-            return torch.sigmoid(upsample_logits(0.5 * (logits[:b] + logits[b:].flip(3)), x.shape[2:]))
-
-    from dataclasses import replace
-
-    shipped = Engine(default_model())
-    own = checkpoint is not None
-    contract = replace(shipped.contract, input_size=size or shipped.contract.input_size)
-    model, _ = load_model(checkpoint or ROOT / "trainer" / "assets" / "default.pth", contract.input_size)
-    names = ("image", "prev_mask", "points")
-    cases = [example_inputs(contract, seed=i) for i in range(max(2, *sizes))]  # the export traces a batch of 2
-
-    def stacked(b: int) -> dict:
-        return {k: np.concatenate([cases[i][k] for i in range(b)]) for k in names}
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "batch_axis.onnx"
-        with torch.no_grad():
-            torch.onnx.export(BatchAxisGraph(model, flip=contract.flip).eval(),
-                              tuple(torch.from_numpy(a) for a in stacked(2).values()), str(path),
-                              input_names=list(names), output_names=["probs"], opset_version=17, dynamo=False,
-                              dynamic_axes={n: {0: "batch"} for n in (*names, "probs")})
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        if provider not in ort.get_available_providers():
-            return {"skipped": f"{provider} is not available in this onnxruntime"}
-        batched = ort.InferenceSession(str(path), opts, providers=[provider])
-        single = ort.InferenceSession(default_model(), opts, providers=["CPUExecutionProvider"])
-        alone = [batched.run(None, {k: cases[i][k] for k in names})[0] for i in range(max(sizes))]
-        ref = alone if own else [single.run(None, {k: cases[i][k] for k in names})[0] for i in range(max(sizes))]
-        times: dict[int, list[float]] = {b: [] for b in sizes}
-        same_graph_equal, diff_vs_shipped = {}, {}
+    engine = Engine(model, threads=threads)
+    cases = [example_inputs(engine.contract, seed=i, n_pos=1 + i % 3, n_neg=i % 2) for i in range(max(sizes))]
+    runners = [engine.new_runner() for _ in cases]
+    for runner, case in zip(runners, cases):
+        for name in INPUT_NAMES:
+            getattr(runner, name)[...] = case[name]
+    alone = [runner.run().copy() for runner in runners]
+    equal = {b: all(np.array_equal(out, want) for out, want in zip(engine.run_batch(runners[:b]), alone))
+             for b in sizes}
+    times: dict[int, list[float]] = {b: [] for b in sizes}
+    static_ms, dynamic_ms, static_diff = [], [], None
+    static = None
+    if compare_static:
+        static = Engine(default_model(), threads=threads).new_runner()
+        for name in INPUT_NAMES:
+            getattr(static, name)[...] = cases[0][name]
+        static_diff = float(np.abs(static.run() - alone[0]).max())
+    for _ in range(reps):
         for b in sizes:
-            out = batched.run(None, stacked(b))[0]
-            same_graph_equal[b] = all(np.array_equal(out[i:i + 1], alone[i]) for i in range(b))
-            diff_vs_shipped[b] = max(float(np.abs(out[i:i + 1] - ref[i]).max()) for i in range(b))
-        for _ in range(reps):  # round robin over the sizes, so machine load drifts onto all of them alike
-            for b in sizes:
-                feed = stacked(b)
+            t0 = time.perf_counter()
+            engine.run_batch(runners[:b])
+            times[b].append((time.perf_counter() - t0) * 1000)
+        if static is not None:
+            for runner, sink in ((static, static_ms), (runners[0], dynamic_ms)):
                 t0 = time.perf_counter()
-                batched.run(None, feed)
-                times[b].append((time.perf_counter() - t0) * 1000)
+                runner.run()
+                sink.append((time.perf_counter() - t0) * 1000)
     rows = []
     for b in sizes:
         med = float(np.median(times[b]))
         rows.append({"batch": b, "ms_per_call_p50": round(med, 2), "ms_per_item": round(med / b, 2),
-                     "items_per_s": round(1000 * b / med, 1), "reps": reps,
-                     "item_bit_equal_to_batch_1": same_graph_equal[b],
-                     "max_abs_diff_vs_shipped_graph": diff_vs_shipped[b]})
-    return {"device": f"{'CPU' if provider.startswith('CPU') else 'GPU'} (ONNX Runtime {provider})",
-            "threads": threads or "ORT default", "size": contract.input_size,
-            "model": str(checkpoint) if own else repr(shipped), "rows": rows}
+                     "items_per_s": round(1000 * b / med, 1), "reps": reps, "item_bit_equal_to_batch_1": equal[b]})
+    out = {"engine": repr(engine), "threads": threads or "ORT default", "rows": rows}
+    if static is not None:
+        out["batch_1_static_vs_axis"] = {"static_ms_p50": round(float(np.median(static_ms)), 2),
+                                         "axis_ms_p50": round(float(np.median(dynamic_ms)), 2), "reps": reps,
+                                         "max_abs_diff": static_diff}
+    return out
 
 
 # ---- helpers for the HTTP phases -----------------------------------------------------------------------------
@@ -294,69 +303,87 @@ def session_memory(engine: Engine, plans: list) -> dict:
             "after_10_clicks_mb": round(s.nbytes / 2**20, 2), "input_size": engine.contract.input_size}
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 # ---- main -----------------------------------------------------------------------------------------------------
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="ONNX model (default: the bundled tiny model)")
-    ap.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "data" / "GrabCut",
-                    help="images for the clients (default GrabCut beside the checkout; synthetic if absent)")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--clicks", type=int, default=30, help="clicks per client in the load phases")
-    ap.add_argument("--single-clicks", type=int, default=120, help="clicks per server in the overhead phase")
-    ap.add_argument("--batch-size", type=int, default=8, help="max_batch_size when batching is on")
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="batch_wait_timeout when batching is on")
-    ap.add_argument("--curve-sizes", default="1,2,4,8,16")
-    ap.add_argument("--curve-reps", type=int, default=8)
-    ap.add_argument("--skip-curve", action="store_true")
-    ap.add_argument("--curve-provider", default="CPUExecutionProvider",
-                    help="ONNX Runtime provider of the batch-size curve (CUDAExecutionProvider on a GPU machine)")
-    ap.add_argument("--curve-checkpoint", type=Path, default=None,
-                    help="checkpoint of the curve's network (default: the bundled tiny model's); with it, the "
-                         "'vs shipped graph' column compares with its own batch-1 run")
-    ap.add_argument("--curve-size", type=int, default=None, help="input size S of the curve's network")
-    ap.add_argument("--tag", default="cpu_tiny")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ray")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing result with this tag")
-    args = ap.parse_args()
-
-    stem = args.out / args.tag
-    if stem.with_suffix(".json").exists() and not args.overwrite:
-        sys.exit(f"{stem}.json exists; pick another --tag or pass --overwrite")
-    cpus = os.cpu_count() or 1
-    result = {"machine": f"{platform.machine()}, {cpus} cpus, {platform.system()} {platform.release()}",
-              "python": platform.python_version(), "load_avg_before": loadavg(),
+@command("serve_cluster.py")
+@model_argument(required=False, old=["--model"])
+@dataset_option(default=ROOT.parent / "shared" / "data" / "GrabCut",
+                help="Images for the clients [default: ../shared/data/GrabCut; synthetic scenes if absent].")
+@option("--clients", type=POSITIVE_INT, default=16, show_default=True, help="Concurrent annotators.")
+@option("--clicks", type=POSITIVE_INT, default=30, show_default=True,
+        help="Clicks per client in the load phases (a reset every 10).")
+@option("--single-clicks", type=click.IntRange(min=100), default=120, show_default=True,
+        help="Clicks per server in the overhead phase (p99 needs at least 100).")
+@option("--batch-size", type=POSITIVE_INT, default=8, show_default=True, metavar="N",
+        help="cfr-serve --ray --batch-size of the batching setups.")
+@option("--batch-wait-ms", type=POSITIVE_FLOAT, default=5.0, show_default=True, metavar="MS",
+        help="cfr-serve --ray --batch-wait-ms of the batching setups.")
+@option("--setups", default=",".join(SETUPS), show_default=True,
+        help="Comma-separated Ray setups to run (plain cfr-serve always runs).")
+@option("--curve-sizes", default="1,2,4,8,16", show_default=True, help="Batch sizes of the engine's curve.")
+@option("--curve-reps", type=POSITIVE_INT, default=8, show_default=True, help="Calls per batch size.")
+@option("--skip-curve", is_flag=True, help="Skip the batch-size curve.")
+@threads_option(help="ONNX Runtime threads of the batch-size curve [default: ONNX Runtime's].")
+@option("--tag", default="cpu_tiny", show_default=True, help="Result file name: <tag>.json/.md.")
+@out_option(default=ROOT / "out" / "bench" / "ray", shown="out/bench/ray",
+            help="Folder for the results (pass bench/results/ray to update the committed results on purpose).")
+@overwrite_option("<tag>.json/.md in --out")
+def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: int, clicks: int,
+         single_clicks: int, batch_size: int, batch_wait_ms: float, setups: str, curve_sizes: str, curve_reps: int,
+         skip_curve: bool, threads: int | None, tag: str, out: Path, overwrite: bool) -> None:
+    """cfr-serve on a local 2-node Ray cluster vs plain cfr-serve (see the module docstring of
+    bench/serve_cluster.py)."""
+    model = merge_alias(model, model_alias, "MODEL")
+    chosen = [s.strip() for s in setups.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SETUPS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown setups {unknown}; choose from {list(SETUPS)}", param_hint="--setups")
+    try:
+        sizes = sorted({int(s) for s in curve_sizes.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"comma-separated batch sizes, got {curve_sizes!r}",
+                                 param_hint="--curve-sizes") from None
+    if sizes[0] < 1:
+        raise click.BadParameter("batch sizes must be positive", param_hint="--curve-sizes")
+    stem = out / tag
+    if not overwrite:  # refused before minutes of work, not after
+        refuse_existing([stem.with_suffix(".json"), stem.with_suffix(".md")],
+                        "pass --overwrite to replace it, or choose another --out or --tag")
+    started = machine()
+    result = {"machine": f"{platform.machine()}, {started['cpu']}, {started['cores']} usable cores",
+              "python": platform.python_version(), "load_average": {"start": started},
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
-    model = args.model or default_model()
+    need = max(batch_size, 1 if skip_curve else sizes[-1])
+    print("model ...", file=sys.stderr)
+    path, made = batch_axis_model(model, need, Path(tempfile.mkdtemp(prefix="serve_cluster_")))
+    model = str(path)
+    result["model"] = made
     engine = Engine(model)
     result["engine"] = repr(engine)
-    if not args.skip_curve:
+    if not skip_curve:
         print("batch-size curve ...", file=sys.stderr)
-        result["batch_curve"] = batch_curve([int(s) for s in args.curve_sizes.split(",")], args.curve_reps, None,
-                                            args.curve_provider, args.curve_checkpoint, args.curve_size)
-    plans = make_plans(engine, args.dataset, args.clients)
+        result["batch_curve"] = batch_curve(path, sizes, curve_reps, threads, compare_static=made.startswith("the "))
+    plans = make_plans(engine, dataset, clients)
     result["session_memory"] = session_memory(engine, plans)
 
+    import onnxruntime
     import ray
     from ray import serve
 
     from cfr_runtime.serve.cluster import APP_NAME, ClusterOptions, build_app, config_from
     from tests.ray_util import LocalRayCluster
 
-    result["versions"] = {"ray": ray.__version__, "onnxruntime": __import__("onnxruntime").__version__}
+    result["versions"] = {"ray": ray.__version__, "onnxruntime": onnxruntime.__version__}
     config = config_from(idle_timeout=600)
-    batch_on = dict(max_batch_size=args.batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000)
-    # the same two cores in every case: 1 replica with ONNX Runtime's default threads, 2 replicas with one each
+    batch_on = dict(max_batch_size=batch_size, batch_wait_timeout_s=batch_wait_ms / 1000)
+    # the same cores in every case: 1 replica with ONNX Runtime's default threads, 2 replicas with half each
+    cpus = started["cores"]
     half = max(1, cpus // 2)
-    setups = [("1 replica", dict(replicas=1, threads=None)),
-              ("1 replica, batching", dict(replicas=1, threads=None, **batch_on)),
-              ("2 replicas", dict(replicas=2, threads=half)),
-              ("2 replicas, batching", dict(replicas=2, threads=half, **batch_on)),
-              ("1 replica, direct ingress", dict(replicas=1, threads=None, ingress="direct")),
-              ("2 replicas, direct ingress", dict(replicas=2, threads=half, ingress="direct"))]
+    layouts = {"1 replica": dict(replicas=1, threads=None),
+               "1 replica, batching": dict(replicas=1, threads=None, **batch_on),
+               "2 replicas": dict(replicas=2, threads=half),
+               "2 replicas, batching": dict(replicas=2, threads=half, **batch_on),
+               "1 replica, direct ingress": dict(replicas=1, threads=None, ingress="direct"),
+               "2 replicas, direct ingress": dict(replicas=2, threads=half, ingress="direct")}
     cluster = LocalRayCluster(cpus_per_node=cpus).start()
     plain = None
     try:
@@ -365,31 +392,32 @@ def main() -> None:
         ray_url = f"http://127.0.0.1:{cluster.http_port}"
         plain = Server(model, 600, None)
         runs = []
-        for i, (name, kw) in enumerate(setups):
+        for i, name in enumerate(chosen):
+            kw = layouts[name]
             print(f"{name} ...", file=sys.stderr)
             options = ClusterOptions(replica_cpus=cpus / kw["replicas"] / 2, sync_interval_s=5.0,
                                      max_replicas_per_node=1, **kw)
             serve.run(build_app(model, config, options), name=APP_NAME, route_prefix="/")
             handle = serve.get_deployment_handle("sessions", APP_NAME)
-            load(ray_url, plans, args.clients, 2)  # warm-up: every replica's arenas and thread pools
+            load(ray_url, plans, clients, 2)  # warm-up: every replica's arenas and thread pools
             if i == 0:
                 result["record_store_call_ms"] = record_store_latency(options, 200)
-                load(plain.url, plans, args.clients, 2)
-                result["overhead"] = single_client_overhead(plain.url, ray_url, plans, args.single_clicks)
+                load(plain.url, plans, clients, 2)
+                result["overhead"] = single_client_overhead(plain.url, ray_url, plans, single_clicks)
+                result["overhead"]["setup"] = name
                 print("plain cfr-serve load ...", file=sys.stderr)
-                result["plain_load"] = load(plain.url, plans, args.clients, args.clicks)
+                result["plain_load"] = load(plain.url, plans, clients, clicks)
                 # the same server with one thread per forward (two forwards at once, its default): what the
                 # 2-replica setups do with their cores, on one process
                 plain1 = Server(model, 600, 1)
                 try:
-                    load(plain1.url, plans, args.clients, 2)
-                    result["plain_load_1_thread"] = load(plain1.url, plans, args.clients, args.clicks)
+                    load(plain1.url, plans, clients, 2)
+                    result["plain_load_1_thread"] = load(plain1.url, plans, clients, clicks)
                 finally:
                     plain1.stop()
             if name == "1 replica, direct ingress":
-                result["overhead_direct"] = single_client_overhead(plain.url, ray_url, plans, args.single_clicks)
-            run = {"setup": name, "options": {k: v for k, v in kw.items()}, **load(ray_url, plans, args.clients,
-                                                                                 args.clicks)}
+                result["overhead_direct"] = single_client_overhead(plain.url, ray_url, plans, single_clicks)
+            run = {"setup": name, "options": dict(kw), **load(ray_url, plans, clients, clicks)}
             infos = replica_infos(handle, kw["replicas"])
             run["replicas"] = [{"tag": x["tag"], "node": x["node_id"][:8], **x["counters"]} for x in infos]
             batches = sum(x["counters"].get("batches", 0) for x in infos)
@@ -405,22 +433,25 @@ def main() -> None:
             ray.shutdown()
         finally:
             cluster.stop()
-    result["load_avg_after"] = loadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
+    result["load_average"]["end"] = machine()
+    out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     md = markdown(result)
     stem.with_suffix(".md").write_text(md)
     print(md)
     print(f"wrote {stem}.json and {stem.name}.md")
-    bad = (result["plain_load"]["errors"] + result["plain_load_1_thread"]["errors"]
-           + sum(r["errors"] for r in result["ray_load"]))
-    sys.exit(1 if bad else 0)
+    bad = sum(result[k]["errors"] for k in ("plain_load", "plain_load_1_thread") if k in result) + sum(
+        r["errors"] for r in result.get("ray_load", []))
+    if bad:
+        sys.exit(1)
 
 
 def markdown(r: dict) -> str:
+    load_avg = r["load_average"]
     lines = [f"# cfr-serve on Ray Serve vs plain cfr-serve: {r['engine']}", "",
-             f"Machine: {r['machine']}; load average before {r['load_avg_before']}, after {r['load_avg_after']}; "
-             f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}.", "", f"`{r['command']}`", ""]
+             f"Machine: {describe(load_avg['start'], load_avg.get('end'))} ({r['machine']}); "
+             f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}.", "",
+             f"Model: {r['model']}.", "", f"`{r['command']}`", ""]
     for key, title in (("overhead", "gateway (default)"), ("overhead_direct", "direct ingress")):
         if key not in r:
             continue
@@ -460,16 +491,18 @@ def markdown(r: dict) -> str:
                      f"{run['click_ms']['p99']:.1f} ms | {run['errors']} | {run.get('mean_batch', '-')} | {reps} |")
     if "batch_curve" in r:
         c = r["batch_curve"]
-        lines += ["", f"## Engine batch-size curve ({c.get('device', '')}; bench-local batch-axis export)", ""]
-        if "skipped" in c:
-            lines.append(f"skipped: {c['skipped']}")
-        else:
-            lines += ["| batch | ms per call | ms per item | items/s | item == batch-1 item (bitwise) | "
-                      "max abs diff vs shipped graph |", "|---|---|---|---|---|---|"]
-            for row in c["rows"]:
-                lines.append(f"| {row['batch']} | {row['ms_per_call_p50']} | {row['ms_per_item']} | "
-                             f"{row['items_per_s']} | {row['item_bit_equal_to_batch_1']} | "
-                             f"{row['max_abs_diff_vs_shipped_graph']:.1e} |")
+        lines += ["", f"## Engine batch-size curve (`Engine.run_batch`, {c['engine']}, threads {c['threads']})", "",
+                  "| batch | ms per call (p50) | ms per item | items/s | each item == its batch-1 run (bitwise) |",
+                  "|---|---|---|---|---|"]
+        for row in c["rows"]:
+            lines.append(f"| {row['batch']} | {row['ms_per_call_p50']} | {row['ms_per_item']} | "
+                         f"{row['items_per_s']} | {row['item_bit_equal_to_batch_1']} |")
+        s = c.get("batch_1_static_vs_axis")
+        if s:
+            lines += ["", f"Batch 1, the shipped static graph vs this batch-axis graph of the same checkpoint "
+                          f"(interleaved, {s['reps']} calls each): {s['static_ms_p50']} vs {s['axis_ms_p50']} ms p50; "
+                          f"max abs difference of the probabilities {s['max_abs_diff']:.1e} (two exports, "
+                          "optimised differently by ONNX Runtime)."]
     m = r["session_memory"]
     lines += ["", "## One session on a replica", "",
               f"{m['image']} image ({m['upload_bytes']} bytes uploaded, kept in the record store), S = "
