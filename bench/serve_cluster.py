@@ -25,6 +25,7 @@ the end, and the command.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -58,8 +59,9 @@ from cfr_runtime.cli_options import (  # noqa: E402
 )
 from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
 
-SETUPS = ("1 replica", "1 replica, batching", "2 replicas", "2 replicas, batching", "1 replica, direct ingress",
-          "2 replicas, direct ingress")
+# the Ray setups of the load phase: --setups key -> name in the report
+SETUPS = {"1": "1 replica", "1b": "1 replica, batching", "2": "2 replicas", "2b": "2 replicas, batching",
+          "1d": "1 replica, direct ingress", "2d": "2 replicas, direct ingress"}
 
 
 # ---- 0. the model ---------------------------------------------------------------------------------------------
@@ -318,7 +320,8 @@ def session_memory(engine: Engine, plans: list) -> dict:
 @option("--batch-wait-ms", type=POSITIVE_FLOAT, default=5.0, show_default=True, metavar="MS",
         help="cfr-serve --ray --batch-wait-ms of the batching setups.")
 @option("--setups", default=",".join(SETUPS), show_default=True,
-        help="Comma-separated Ray setups to run (plain cfr-serve always runs).")
+        help="Comma-separated Ray setups to run: " + ", ".join(f"{k} = {v}" for k, v in SETUPS.items())
+        + " (plain cfr-serve always runs).")
 @option("--curve-sizes", default="1,2,4,8,16", show_default=True, help="Batch sizes of the engine's curve.")
 @option("--curve-reps", type=POSITIVE_INT, default=8, show_default=True, help="Calls per batch size.")
 @option("--skip-curve", is_flag=True, help="Skip the batch-size curve.")
@@ -333,10 +336,11 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
     """cfr-serve on a local 2-node Ray cluster vs plain cfr-serve (see the module docstring of
     bench/serve_cluster.py)."""
     model = merge_alias(model, model_alias, "MODEL")
-    chosen = [s.strip() for s in setups.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in SETUPS]
-    if unknown or not chosen:
-        raise click.BadParameter(f"unknown setups {unknown}; choose from {list(SETUPS)}", param_hint="--setups")
+    keys = [s.strip() for s in setups.split(",") if s.strip()]
+    unknown = [s for s in keys if s not in SETUPS]
+    if unknown or not keys:
+        raise click.BadParameter(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}", param_hint="--setups")
+    chosen = [SETUPS[k] for k in keys]
     try:
         sizes = sorted({int(s) for s in curve_sizes.split(",")})
     except ValueError:
@@ -373,6 +377,10 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
     from tests.ray_util import LocalRayCluster
 
     result["versions"] = {"ray": ray.__version__, "onnxruntime": onnxruntime.__version__}
+    # Ray Serve's fast paths, set in the environment of this run (docs/ray.md): HAProxy as the HTTP ingress,
+    # gRPC between deployments; recorded so that results of both configurations are never confused
+    result["ray_serve_env"] = {k: os.environ[k] for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+                               if k in os.environ}
     config = config_from(idle_timeout=600)
     batch_on = dict(max_batch_size=batch_size, batch_wait_timeout_s=batch_wait_ms / 1000)
     # the same cores in every case: 1 replica with ONNX Runtime's default threads, 2 replicas with half each
@@ -399,6 +407,9 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
                                      max_replicas_per_node=1, **kw)
             serve.run(build_app(model, config, options), name=APP_NAME, route_prefix="/")
             handle = serve.get_deployment_handle("sessions", APP_NAME)
+            # this driver calls the handle from plain threads: its router needs a loop of its own, which
+            # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns off by default (Ray's private init option)
+            handle._init(_run_router_in_separate_loop=True)
             load(ray_url, plans, clients, 2)  # warm-up: every replica's arenas and thread pools
             if i == 0:
                 result["record_store_call_ms"] = record_store_latency(options, 200)
@@ -450,7 +461,8 @@ def markdown(r: dict) -> str:
     load_avg = r["load_average"]
     lines = [f"# cfr-serve on Ray Serve vs plain cfr-serve: {r['engine']}", "",
              f"Machine: {describe(load_avg['start'], load_avg.get('end'))} ({r['machine']}); "
-             f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}.", "",
+             f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}; Ray Serve environment: "
+             f"{r.get('ray_serve_env') or 'defaults (Python HTTP proxy, Ray actor calls between deployments)'}.", "",
              f"Model: {r['model']}.", "", f"`{r['command']}`", ""]
     for key, title in (("overhead", "gateway (default)"), ("overhead_direct", "direct ingress")):
         if key not in r:
