@@ -333,8 +333,9 @@ def session_memory(engine: Engine, plans: list) -> dict:
 def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: int, clicks: int,
          single_clicks: int, batch_size: int, batch_wait_ms: float, setups: str, curve_sizes: str, curve_reps: int,
          skip_curve: bool, threads: int | None, tag: str, out: Path, overwrite: bool) -> None:
-    """cfr-serve on a local 2-node Ray cluster vs plain cfr-serve (see the module docstring of
-    bench/serve_cluster.py)."""
+    """cfr-serve on a local 2-node Ray cluster vs plain cfr-serve, serving MODEL (an ONNX graph with a batch axis
+    of at least --batch-size; default: the shipped checkpoint exported here with one). See the module docstring
+    of bench/serve_cluster.py."""
     model = merge_alias(model, model_alias, "MODEL")
     keys = [s.strip() for s in setups.split(",") if s.strip()]
     unknown = [s for s in keys if s not in SETUPS]
@@ -409,7 +410,10 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
             handle = serve.get_deployment_handle("sessions", APP_NAME)
             # this driver calls the handle from plain threads: its router needs a loop of its own, which
             # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns off by default (Ray's private init option)
-            handle._init(_run_router_in_separate_loop=True)
+            try:
+                handle._init(_run_router_in_separate_loop=True)
+            except RuntimeError:  # Serve hands out one handle per deployment: initialised by an earlier setup
+                pass
             load(ray_url, plans, clients, 2)  # warm-up: every replica's arenas and thread pools
             if i == 0:
                 result["record_store_call_ms"] = record_store_latency(options, 200)
