@@ -15,15 +15,14 @@ Every answer's mask is checked against a local Session fed the same clicks. The 
 includes fetching and decoding the image (from Label Studio for the first two paths; the native session is
 created beforehand, untimed), so it is reported apart from the later clicks.
 
-    python bench/labelstudio_latency.py --dataset ../shared/data/GrabCut --images 15 --clicks 10
+    python bench/labelstudio_latency.py --dataset ../shared/data/GrabCut --limit 15 --clicks 10
 
-Writes labelstudio_latency.json/.md under --out (default bench/results/labelstudio/), refusing to overwrite
-committed results unless --force.
+Writes labelstudio_latency.json/.md under --out (default out/bench/; the committed results are in
+bench/results/labelstudio/), never over existing files without --overwrite.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -31,13 +30,26 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime.cli_options import (  # noqa: E402
+    command,
+    dataset_option,
+    limit_option,
+    merge_alias,
+    model_argument,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+)
 from cfr_runtime.clicker import Clicker  # noqa: E402
 from cfr_runtime.datasets import open_dataset  # noqa: E402
 from cfr_runtime.serve.codec import UploadLimits, decode_upload, rle_to_mask  # noqa: E402
@@ -207,20 +219,28 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="ONNX model (default: the bundled tiny model)")
-    ap.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "data" / "GrabCut")
-    ap.add_argument("--images", type=int, default=15)
-    ap.add_argument("--clicks", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "labelstudio")
-    ap.add_argument("--force", action="store_true", help="overwrite existing results in --out")
-    args = ap.parse_args()
-    if args.images < 1 or not 2 <= args.clicks <= 24:
-        sys.exit("--images must be >= 1 and --clicks between 2 and 24")
+@command("labelstudio_latency.py")
+@model_argument(required=False, old=["--model"])
+@dataset_option(default=ROOT.parent / "shared" / "data" / "GrabCut",
+                help="GrabCut-style dataset whose images become tasks [default: ../shared/data/GrabCut].")
+@limit_option(old=["--images"], default=15, help="Only the first N images of the dataset (each a task).")
+@option("--clicks", type=click.IntRange(2, 24), default=10, show_default=True,
+        help="RITM clicker clicks per image (the tiny model takes at most 24).")
+@out_option(default=ROOT / "out" / "bench", shown="out/bench",
+            help="Folder for the results (pass bench/results/labelstudio to update the committed results on purpose).")
+@overwrite_option("labelstudio_latency.json/.md in --out")
+@option("--force", is_flag=True, hidden=True)  # the old spelling of --overwrite
+def main(model, model_alias, dataset, limit, clicks, out, overwrite, force) -> None:
+    """Per-click time of cfr-serve MODEL (default: the bundled tiny model) through a real Label Studio vs direct;
+    see the module docstring of bench/labelstudio_latency.py."""
+    args = SimpleNamespace(model=merge_alias(model, model_alias, "MODEL"), dataset=dataset, images=limit,
+                           clicks=clicks, out=out)
     stem = args.out / "labelstudio_latency"
-    if stem.with_suffix(".json").exists() and not args.force:
-        sys.exit(f"{stem}.json exists; pass --out DIR for an ad-hoc run, or --force to replace the results")
+    if not (overwrite or force):  # refused before minutes of work, not after
+        refuse_existing([stem.with_suffix(".json"), stem.with_suffix(".md")],
+                        "pass --overwrite to replace it, or choose another --out")
+    if args.model is not None:
+        args.model = str(args.model)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -8,21 +8,33 @@ task's annotation, logs in with Chromium and photographs the task's labeling pag
     python bench/labelstudio_screenshot.py --image 124080 --clicks 4
 
 Needs Debian's chromium and chromium-driver and selenium (the dev extra). Writes labeling_page.png under
---out (default bench/results/labelstudio/).
+--out (default out/bench/; the committed one is in bench/results/labelstudio/), never over an existing file
+without --overwrite.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import click
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime.cli_options import (  # noqa: E402
+    command,
+    dataset_option,
+    fail,
+    option,
+    out_option,
+    overwrite_option,
+    refuse_existing,
+)
 from cfr_runtime.clicker import Clicker  # noqa: E402
 from cfr_runtime.datasets import open_dataset  # noqa: E402
 from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
@@ -31,25 +43,35 @@ from tests import ls_util  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 from labelstudio_latency import CONFIG, keypoints  # noqa: E402
 
+PROG = "labelstudio_screenshot.py"
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "data" / "GrabCut")
-    ap.add_argument("--image", default="124080")
-    ap.add_argument("--clicks", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "labelstudio")
-    args = ap.parse_args()
+
+@command(PROG)
+@dataset_option(default=ROOT.parent / "shared" / "data" / "GrabCut",
+                help="GrabCut-style dataset the image is taken from [default: ../shared/data/GrabCut].")
+@option("--image", default="124080", show_default=True, help="The dataset image (its id) to annotate.")
+@option("--clicks", type=click.IntRange(1, 24), default=4, show_default=True, help="RITM clicker clicks to place.")
+@out_option(default=ROOT / "out" / "bench", shown="out/bench",
+            help="Folder for labeling_page.png (pass bench/results/labelstudio to update the committed one).")
+@overwrite_option("labeling_page.png in --out")
+def main(dataset, image, clicks, out, overwrite) -> None:
+    """A screenshot of Label Studio's labeling page with a CFR-ICL mask made through the ML backend."""
+    args = SimpleNamespace(dataset=dataset, image=image, clicks=clicks, out=out)
+    if not overwrite:
+        refuse_existing([args.out / "labeling_page.png"], "pass --overwrite to replace it, or choose another --out")
     chromium, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not (chromium and driver_path):
-        sys.exit("needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
+        fail(PROG, "needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver)", 1)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     exe, why = ls_util.ensure()
     if exe is None:
-        sys.exit(f"Label Studio is not available: {why}")
-    inst = next(i for i in open_dataset(args.dataset) if i.id == args.image)
+        fail(PROG, f"Label Studio is not available: {why}", 1)
+    inst = next((i for i in open_dataset(args.dataset) if i.id == args.image), None)
+    if inst is None:
+        fail(PROG, f"--image {args.image}: no such image in {args.dataset}")
     data = inst.image_path.read_bytes()
     engine = Engine(default_model())
     local = Session(engine)

@@ -23,7 +23,6 @@ Writes attack_<tag>.json/.md under --out only when --out is given, and never ove
 
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import io
@@ -39,12 +38,30 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cfr_runtime.cli_options import (  # noqa: E402
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    command,
+    dataset_option,
+    fail,
+    merge_alias,
+    model_argument,
+    option,
+    out_option,
+    refuse_existing,
+)
+from cfr_runtime.errors import InputError  # noqa: E402
+
+PROG = "serve_attack.py"
 
 ATTACKER, VICTIM, MONITOR = "127.0.0.2", "127.0.0.3", "127.0.0.1"
 JSON = {"Content-Type": "application/json"}
@@ -52,19 +69,53 @@ JSON = {"Content-Type": "application/json"}
 
 # ---- guards ------------------------------------------------------------------------------------------------
 def loopback_url(url: str) -> tuple[str, int]:
-    """(host, port) of an http:// URL whose host resolves only to loopback addresses; SystemExit otherwise."""
+    """(host, port) of an http:// URL whose host resolves only to loopback addresses; InputError otherwise."""
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname or not parts.port:
-        raise SystemExit(f"serve_attack: --url must be http://HOST:PORT, got {url!r}")
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port, proto=socket.IPPROTO_TCP)
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or not port:
+        raise InputError(f"the URL must be http://HOST:PORT, got {url!r}")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
-        raise SystemExit(f"serve_attack: cannot resolve {parts.hostname}: {exc}") from None
+        raise InputError(f"cannot resolve {parts.hostname}: {exc}") from None
     addrs = {ipaddress.ip_address(info[4][0]) for info in infos}
     if not addrs or not all(a.is_loopback for a in addrs):
-        raise SystemExit(f"serve_attack: refusing {url}: it resolves to {sorted(map(str, addrs))}, not only "
-                         "loopback addresses; this tool attacks servers on this machine only")
-    return parts.hostname, parts.port
+        raise InputError(f"refusing {url}: it resolves to {sorted(map(str, addrs))}, not only loopback "
+                         "addresses; this tool attacks servers on this machine only")
+    return parts.hostname, port
+
+
+class LoopbackURL(click.ParamType):
+    """--url: http://HOST:PORT whose host resolves only to loopback addresses (`loopback_url`)."""
+
+    name = "url"
+
+    def convert(self, value, param, ctx) -> str:
+        try:
+            loopback_url(value)
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
+class PositiveInts(click.ParamType):
+    """A comma-separated list of positive integers, e.g. 4,12,36."""
+
+    name = "list"
+
+    def convert(self, value, param, ctx) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            out = [int(x) for x in str(value).split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or min(out) < 1:
+            self.fail(f"{value!r} is not a comma-separated list of positive integers (e.g. 4,12,36)", param, ctx)
+        return out
 
 
 def can_bind(address: str) -> bool:
@@ -203,7 +254,7 @@ class Monitor:
         return out
 
 
-def monitor(url: str, source: str) -> None:
+def run_monitor(url: str, source: str) -> None:
     """The monitor process: poll until stdin closes, then print the samples as JSON."""
     import select
 
@@ -562,7 +613,7 @@ def attack_stream(t: Target, host: str, port: int) -> Row:
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
-def spawn(args) -> tuple[subprocess.Popen, str]:
+def spawn_server(args) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
@@ -582,26 +633,31 @@ def spawn(args) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"serve_attack: cfr-serve did not start: {proc.stderr.read()[-2000:]}")
+            proc.kill()
+            fail(PROG, f"cfr-serve did not start: {proc.stderr.read()[-2000:]}", 1)
         time.sleep(0.2)
 
 
-def run(args) -> dict:
-    host, port = loopback_url(args.url)
-    separate = can_bind(ATTACKER) and can_bind(VICTIM)
-    t = Target(args.url, separate, args.timeout)
-    first = t.health()
-    cap = first["limits"]["max_memory_mb"]
-    plan = {**{f"frame-{mp}mp": (lambda mp=mp: attack_cvat_frame(t, mp)) for mp in args.frames_mp},
+def attack_plan(t: Target | None, args) -> dict:
+    """The attacks by name, in the order they run (`t` is used only when one is called: `attack_plan(None,
+    args)` gives the names, to check --only before anything starts)."""
+    host, port = (loopback_url(args.url) if t is not None else (None, None))
+    return {**{f"frame-{mp}mp": (lambda mp=mp: attack_cvat_frame(t, mp)) for mp in args.frames_mp},
             "bombs": lambda: attack_bombs(t), "big-flood": lambda: attack_big_flood(t, args.flood_mp),
             "tiny-flood": lambda: attack_tiny_flood(t), "cfr32-burst": lambda: attack_cfr32_burst(t),
             "cross-site": lambda: attack_cross_site(t), "cvat-order": lambda: attack_cvat_order(t),
             "formats": lambda: attack_formats(t), "errors": lambda: attack_errors(t),
             "memory": lambda: attack_memory_accounting(t, args.dataset), "stream": lambda: attack_stream(t, host, port)}
+
+
+def run(args) -> dict:
+    loopback_url(args.url)
+    separate = can_bind(ATTACKER) and can_bind(VICTIM)
+    t = Target(args.url, separate, args.timeout)
+    first = t.health()
+    cap = first["limits"]["max_memory_mb"]
+    plan = attack_plan(t, args)
     if args.only:
-        unknown = set(args.only) - set(plan)
-        if unknown:
-            raise SystemExit(f"serve_attack: unknown attack(s) {sorted(unknown)}; choose from {list(plan)}")
         plan = {k: v for k, v in plan.items() if k in args.only}
     for mp in args.frames_mp:  # the big frames, encoded before any monitored window
         h, w = frame_size(mp)
@@ -665,41 +721,59 @@ def markdown(result: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--url", help="http://127.0.0.1:PORT of a running cfr-serve (loopback only)")
-    ap.add_argument("--spawn", action="store_true", help="start cfr-serve on a free loopback port, stop it after")
-    ap.add_argument("--model", default=None, help="with --spawn: the model to serve (default: bundled tiny)")
-    ap.add_argument("--max-memory-mb", type=float, default=2048.0, help="with --spawn: cfr-serve's memory cap")
-    ap.add_argument("--dataset", type=Path, default=None, help="GrabCut folder for the memory-accounting row")
-    ap.add_argument("--frames-mp", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 12, 36],
-                    help="CVAT frame sizes in megapixels (default 4,12,36)")
-    ap.add_argument("--flood-mp", type=int, default=12, help="megapixels of each upload of the big flood")
-    ap.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
-                    help="comma-separated attacks to run (default: all; names: frame-<N>mp, bombs, big-flood, "
-                         "tiny-flood, cfr32-burst, cross-site, cvat-order, formats, errors, memory, stream)")
-    ap.add_argument("--budget-s", type=float, default=900.0, help="start no attack after this many seconds")
-    ap.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
-    ap.add_argument("--out", type=Path, default=None, help="write attack_<tag>.json/.md here (never overwrites)")
-    ap.add_argument("--tag", default="cpu_tiny")
-    ap.add_argument("--monitor", default=None, help=argparse.SUPPRESS)  # internal: the /health monitor process
-    ap.add_argument("--monitor-source", default="", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.monitor:
-        return monitor(args.monitor, args.monitor_source)
-    if bool(args.url) == args.spawn:
-        ap.error("give exactly one of --url and --spawn")
-    if args.out is not None:
-        stem = args.out / f"attack_{args.tag}"
-        for suffix in (".json", ".md"):
-            if stem.with_suffix(suffix).exists():
-                ap.error(f"{stem.with_suffix(suffix)} exists; choose another --tag or --out")
+@command(PROG)
+@model_argument(required=False, old=["--model"])
+@option("--url", type=LoopbackURL(), default=None, metavar="URL",
+        help="http://HOST:PORT of a running cfr-serve; HOST must resolve to loopback addresses only.")
+@option("--spawn", is_flag=True, help="Start cfr-serve MODEL on a free loopback port instead, and stop it after.")
+@option("--max-memory-mb", type=POSITIVE_FLOAT, default=2048.0, show_default=True,
+        help="With --spawn: cfr-serve's memory cap.")
+@dataset_option(help="GrabCut folder for the memory-accounting row [default: that row is skipped].")
+@option("--frames-mp", type=PositiveInts(), default="4,12,36", show_default=True, metavar="LIST",
+        help="CVAT frame sizes in megapixels, comma-separated.")
+@option("--flood-mp", type=POSITIVE_INT, default=12, show_default=True, metavar="N",
+        help="Megapixels of each upload of the big flood.")
+@option("--only", default=None, metavar="NAMES",
+        help="Comma-separated attacks to run [default: all]: frame-<N>mp (one per --frames-mp), bombs, big-flood, "
+             "tiny-flood, cfr32-burst, cross-site, cvat-order, formats, errors, memory, stream.")
+@option("--budget-s", type=POSITIVE_FLOAT, default=900.0, show_default=True, metavar="S",
+        help="Start no attack after this many seconds.")
+@option("--timeout", type=POSITIVE_FLOAT, default=300.0, show_default=True, metavar="S", help="Per request, seconds.")
+@out_option(help="Write attack_<tag>.json/.md here, never over an existing file [default: write nothing].")
+@option("--tag", default="cpu_tiny", show_default=True, help="Result file name: attack_<tag>.json/.md.")
+@option("--monitor", default=None, hidden=True)  # internal: the /health monitor process
+@option("--monitor-source", default="", hidden=True)
+def main(model, model_alias, url, spawn, max_memory_mb, dataset, frames_mp, flood_mp, only, budget_s, timeout, out,
+         tag, monitor, monitor_source) -> None:
+    """Replay every attack of issue 16 against a cfr-serve on this machine (--url), or against `cfr-serve MODEL`
+    started for the run (--spawn; MODEL defaults to the bundled tiny model), and print a table of the answers
+    (see the module docstring of bench/serve_attack.py)."""
+    if monitor:
+        return run_monitor(monitor, monitor_source)
+    model = merge_alias(model, model_alias, "MODEL")
+    if bool(url) == spawn:
+        raise click.UsageError("give exactly one of --url and --spawn")
+    if model is not None and not spawn:
+        raise click.UsageError("MODEL is what --spawn serves; with --url the running server's model is attacked")
+    args = SimpleNamespace(model=None if model is None else str(model), url=url, max_memory_mb=max_memory_mb,
+                           dataset=dataset, frames_mp=frames_mp, flood_mp=flood_mp, budget_s=budget_s,
+                           timeout=timeout, only=None, out=out, tag=tag)
+    if only is not None:
+        args.only = [x.strip() for x in only.split(",") if x.strip()]
+        known = list(attack_plan(None, args))
+        unknown = [x for x in args.only if x not in known]
+        if unknown or not args.only:
+            raise click.BadParameter(f"unknown attack(s) {unknown}; choose from {known}", param_hint="'--only'")
+    stem = None
+    if out is not None:  # refused before anything starts, never over an existing result
+        stem = out / f"attack_{tag}"
+        refuse_existing([stem.with_suffix(".json"), stem.with_suffix(".md")], "choose another --tag or --out")
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.platform()}",
             "load_before": [round(x, 2) for x in os.getloadavg()]}
     proc = None
-    if args.spawn:
-        proc, args.url = spawn(args)
+    if spawn:
+        proc, args.url = spawn_server(args)
     print(HEADER, flush=True)
     try:
         result = run(args)
@@ -708,8 +782,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+    if stem is not None:
+        out.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps({**meta, **result}, indent=1))
         stem.with_suffix(".md").write_text(markdown(result, meta))
         print(f"wrote {stem}.json and {stem.name}.md")

@@ -63,11 +63,13 @@ def heavy_op_providers(profile: dict[str, dict[str, float]]) -> set[str]:
 def square_feeds(contract, seed: int = 0) -> dict[str, np.ndarray]:
     """One valid input of the square contract: an image, an empty previous mask, one positive click."""
     rng = np.random.default_rng(seed)
-    s, p = contract.input_size, contract.max_points
-    points = np.full((1, 2 * p, 3), -1.0, np.float32)
-    points[0, 0] = (s / 2, s / 3, 0)
+    from cfr_runtime.disks import fill_disk_rows
+
+    s = contract.input_size
+    disk_rows = np.empty(contract.disk_rows_shape, np.float32)
+    fill_disk_rows(disk_rows, np.array([[s / 2, s / 3]]), [True], contract.disk_radius, s)
     return {"image": rng.random((1, 3, s, s), dtype=np.float32), "prev_mask": np.zeros((1, 1, s, s), np.float32),
-            "points": points}
+            "disk_rows": disk_rows}
 
 
 def torch_devices(session) -> set[str]:

@@ -108,6 +108,45 @@ def test_replay_refused_click_leaves_a_valid_cache(engine, scene):
     assert r.kept == 1 and np.array_equal(mask, fresh(engine, scene, [P1, P2]).mask)
 
 
+def test_replay_refuses_clicks_placed_on_another_size(engine, scene):
+    """`size` (Label Studio's percentages are of the image it showed): a cached or new session on an image of
+    another size is refused before a click is applied, and the cache stays as it was."""
+    from cfr_runtime.errors import InputError
+
+    store = SessionStore(engine)
+    h, w = scene.shape[:2]
+    with store.replay("img", lambda: scene, [P1], size=(w, h)) as r:
+        assert r.session.clicks == [P1]
+    for size in ((w + 1, h), (w, h - 1)):
+        with pytest.raises(InputError, match=f"placed on a {size[0]}x{size[1]} image, but the image is {w}x{h}"):
+            with store.replay("img", lambda: scene, [P1, P2], size=size):
+                pass
+    assert [e.session.clicks for e in store.by_key("img|StdInfer")] == [[P1]]  # nothing applied, still cached
+    fresh_store = SessionStore(engine)
+    with pytest.raises(InputError, match="placed on a"):
+        with fresh_store.replay("img", lambda: scene, [P1], size=(w, h + 5)):
+            pass
+    assert [e.session.clicks for e in fresh_store.by_key("img|StdInfer")] == [[]]  # opened, no click applied
+
+
+def test_forget_drops_a_key_prefix_in_every_mode(engine, scene):
+    from cfr_runtime.errors import InputError
+
+    store = SessionStore(engine)
+    for key, mode in (("task|7|a", "StdInfer"), ("task|7|a", "CFR-2"), ("task|7|b", "StdInfer"),
+                      ("task|70|a", "StdInfer")):
+        with store.replay(key, lambda: scene, [P1], mode):
+            pass
+    sid = store.create(scene).id  # a page session: no key
+    assert len(store) == 5
+    assert store.forget("task|7|") == 3
+    assert sorted(k for k in store._keys) == ["task|70|a|StdInfer"] and store.get(sid)
+    assert store.forget("task|7|") == 0
+    with pytest.raises(InputError, match="prefix"):
+        store.forget("")
+    assert len(store) == 2
+
+
 @pytest.mark.parametrize("per_key", [1, 3])
 def test_replay_interleaved_requests_never_see_each_others_clicks(engine, scene, per_key):
     """Threads replaying different lists on one frame: every answer equals its own fresh Session."""

@@ -152,7 +152,7 @@ def test_journal_that_cannot_be_written_is_a_clean_error(default_onnx, tmp_path)
     assert under_file.exit_code == 2 and "cannot create its folder (File exists)" in under_file.output, \
         under_file.output
     (tmp_path / "out" / "r.jsonl").mkdir(parents=True)  # the journal's name is taken by a folder
-    taken = CliRunner().invoke(eval_main, [*args, str(tmp_path / "out" / "r.json")])
+    taken = CliRunner().invoke(eval_main, [*args, str(tmp_path / "out" / "r.json"), "--overwrite"])
     assert taken.exit_code == 2 and "cannot write next to it (Is a directory)" in taken.output, taken.output
 
 
@@ -161,7 +161,7 @@ def test_max_clicks_up_to_the_models_capacity(run, monkeypatch):
     spy = _Spy(monkeypatch, interrupt_at="0")  # stop at the first instance: only the check matters here
     accepted = run("--max-clicks", "24")
     assert accepted.exit_code == 130 and spy.ids == ["0"], accepted.output
-    refused = run("--max-clicks", "25")
+    refused = run("--max-clicks", "25", "--overwrite")  # the first run's journal is there
     assert refused.exit_code == 2 and "exceeds the model's click capacity (24 per sign)" in refused.output
     assert spy.ids == ["0"]
 

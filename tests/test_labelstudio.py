@@ -37,10 +37,8 @@ from cfr_runtime.serve.labelstudio import (  # noqa: E402
     brush_rle_to_mask,
     mask_to_brush_rle,
     parse_schema,
-    replay,
     to_pixel,
 )
-from cfr_runtime.session import Click  # noqa: E402
 
 try:
     brush = brush_module()  # Label Studio's own codec (label-studio-sdk or label-studio-converter)
@@ -118,6 +116,16 @@ class FakeLS:
         return sum(p == path for p, _ in self.hits)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb, issue 16 case 2)."""
+    import struct
+    import zlib
+
+    raw = png(np.zeros((4, 4, 3), np.uint8))
+    chunk = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
+
+
 def png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -142,15 +150,17 @@ def fake(scenes):
         yield ls
 
 
-def make_client(engine, monkeypatch, url: str | None, key: str | None = TOKEN, upload=UploadLimits()):
+def make_client(engine, monkeypatch, url: str | None, key: str | None = TOKEN, upload=UploadLimits(), **config):
+    """A TestClient on an app told where the (fake) Label Studio is; requests carry Host: localhost, which the
+    Host allowlist accepts (TestClient's default, testserver, is refused like any foreign name)."""
     for name, value in (("LABEL_STUDIO_URL", url), ("LABEL_STUDIO_API_KEY", key)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    config = ServeConfig(upload=upload, sweep_interval_s=3600)
+    config = ServeConfig(upload=upload, sweep_interval_s=3600, **config)
     store = SessionStore(engine, config.store)
-    return TestClient(create_app(engine, config, store)), store
+    return TestClient(create_app(engine, config, store), base_url="http://localhost"), store
 
 
 @pytest.fixture()
@@ -276,17 +286,6 @@ def test_mode_route_matches_session_with_that_mode(api, engine, scenes):
     assert pred["model_version"].endswith("CFR-2")
 
 
-def test_replay_is_ordered(engine, scenes):
-    """`replay` keeps the request's order; a multiset reconcile (as for CVAT) would keep [a, b] for [b, a]."""
-    s = Session(engine)
-    s.set_image(decode_upload(scenes["/data/upload/1/a.png"], UploadLimits()))
-    a, b = Click(80, 60, True), Click(100, 70, True)
-    assert replay(s, [a, b]) == 2 and s.clicks == [a, b]
-    assert replay(s, [b, a]) == 2 and s.clicks == [b, a]
-    assert replay(s, [b]) == 0 and s.clicks == [b]
-    assert replay(s, []) == 0 and s.clicks == [] and not s.mask.any()
-
-
 def test_no_context_and_no_clicks(api):
     client, store, fake = api
     r = client.post("/labelstudio/predict", json=predict_body(1, "/data/upload/1/a.png", None))
@@ -312,6 +311,85 @@ def test_webhook_drops_finished_tasks(api):
     assert fake.fetches(path) == 2
     r = client.post("/labelstudio/webhook", json={"action": "TASKS_DELETED", "tasks": [{"id": 7}]})
     assert r.json()["dropped"] == 1
+
+
+# ---- the shared limits (issue 16's design, app.state.gate) -------------------------------------------------
+def test_predict_runs_in_the_fair_queue_as_the_client(engine, fake, monkeypatch):
+    """A prediction takes a worker slot of the app's fair scheduler and its session is accounted to the client
+    that asked (here told apart by X-Client-Id), as the page's and CVAT's requests are."""
+    client, store = make_client(engine, monkeypatch, fake.url, client_identity="header")
+    with client:
+        work = client.app.state.work
+        body = predict_body(1, "/data/upload/1/a.png", [pixel_keypoint(80, 60, True, (163, 121))])
+        r = client.post("/labelstudio/predict", json=body, headers={"X-Client-Id": "annotator-7"})
+        assert r.status_code == 200, r.text
+        assert work.granted["id:annotator-7"] == 1  # one slot for the whole prediction
+        assert [e.client for e in store._entries.values()] == ["id:annotator-7"]
+        assert client.post("/labelstudio/predict", json={"tasks": []}, headers={"X-Client-Id": "annotator-7"}
+                           ).status_code == 200
+        assert work.granted["id:annotator-7"] == 2
+
+
+def test_predict_counts_against_the_in_flight_limit(engine, fake, monkeypatch):
+    """A client at its in-flight limit gets 429 before its body is read or its image fetched."""
+    client, store = make_client(engine, monkeypatch, fake.url, client_max_inflight=1)
+    with client:
+        body = predict_body(1, "/data/upload/1/a.png", [pixel_keypoint(80, 60, True, (163, 121))])
+        with client.app.state.work.admitted("testclient"):  # TestClient's peer address: one request in flight
+            r = client.post("/labelstudio/predict", json=body)
+        assert r.status_code == 429, r.text
+        assert fake.hits == [] and len(store) == 0
+        assert client.post("/labelstudio/predict", json=body).status_code == 200
+
+
+def test_task_image_memory_reserved_before_decoding(engine, fake, monkeypatch):
+    """The task image's memory is reserved from its header, against the store's cap, before a pixel is decoded;
+    a file that cannot hold the pixels it claims is refused from its header too."""
+    import cfr_runtime.serve.codec as codec
+    from cfr_runtime.serve import StoreLimits
+
+    decoded = []
+    real = codec.decode_upload
+    monkeypatch.setattr(codec, "decode_upload", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    kp = [pixel_keypoint(80, 60, True, (163, 121))]
+    client, store = make_client(engine, monkeypatch, fake.url, store=StoreLimits(max_memory_mb=1))
+    with client:
+        r = client.post("/labelstudio/predict", json=predict_body(1, "/data/upload/1/a.png", kp))
+        assert_error(r, 413, "the server's limit is 1 MB")
+    assert decoded == [] and fake.fetches("/data/upload/1/a.png") == 1 and len(store) == 0
+    fake.files["/data/upload/1/bomb.png"] = png_claiming(6000, 6000)
+    client, store = make_client(engine, monkeypatch, fake.url)
+    with client:
+        kp = [pixel_keypoint(80, 60, True, (6000, 6000))]
+        r = client.post("/labelstudio/predict", json=predict_body(2, "/data/upload/1/bomb.png", kp))
+        assert_error(r, 400, "decompression bomb")
+    assert decoded == [] and len(store) == 0
+
+
+def test_webhook_forgets_the_task_in_every_mode(api):
+    """A finished task's sessions go in every mode route, and no other task's (task 7 is not task 70)."""
+    client, store, _ = api
+    kp = [pixel_keypoint(80, 60, True, (163, 121))]
+    for route, task in (("/labelstudio", 7), ("/labelstudio/CFR-2", 7), ("/labelstudio", 70)):
+        assert client.post(f"{route}/predict", json=predict_body(task, "/data/upload/1/a.png", kp)).status_code == 200
+    assert len(store) == 3
+    r = client.post("/labelstudio/A-CFR-4/webhook", json={"action": "ANNOTATION_UPDATED", "task": {"id": 7}})
+    assert r.status_code == 200 and r.json()["dropped"] == 2 and len(store) == 1
+    assert client.post("/labelstudio/webhook", json={"action": "ANNOTATIONS_CREATED", "tasks": [{"id": 70}]}
+                       ).json()["dropped"] == 1
+    assert_error(client.post("/labelstudio/webhook", content=b"action=TASKS_DELETED",
+                             headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "application/json")
+
+
+def test_foreign_host_is_refused(engine, fake, monkeypatch):
+    """The Host allowlist guards the Label Studio routes like the others (a real Label Studio calls the URL it
+    was given, 127.0.0.1 here: tests/test_labelstudio_e2e.py)."""
+    client, _ = make_client(engine, monkeypatch, fake.url)
+    client.base_url = "http://testserver"
+    with client:
+        r = client.post("/labelstudio/predict", json=predict_body(1, "/data/upload/1/a.png", []))
+        assert r.status_code == 400 and "Host 'testserver' is not served here" in r.json()["message"]
+    assert fake.hits == []
 
 
 # ---- what is refused -------------------------------------------------------------------------------------
@@ -414,7 +492,9 @@ def test_request_errors(api):
     box = {**kp, "type": "rectanglelabels", "from_name": "box",
            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Object"]}}
     assert_error(post([box]), 400, "click model")
-    assert_error(post([{**kp, "original_width": 500}]), 400, "500x121 image, but the task's image is 163x121")
+    assert_error(post([{**kp, "original_width": 500}]), 400, "placed on a 500x121 image, but the image is 163x121")
+    assert_error(post([kp, {**kp, "original_height": 120}]), 400, "context.result[1] was placed on a 163x120 image")
+    assert_error(post([{k: v for k, v in kp.items() if k != "original_width"}]), 400, "original_width")
     assert_error(post([{**kp, "value": {**kp["value"], "x": 101}}]), 400, "percentages")
     assert_error(post([{**kp, "value": {**kp["value"], "x": "5"}}]), 400, "percentages")
     assert_error(post([{**kp, "is_positive": "yes"}]), 400, "is_positive")

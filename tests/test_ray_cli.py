@@ -73,6 +73,53 @@ def test_options_reach_serve_on_ray(monkeypatch):
     assert seen["config"].store.idle_timeout_s == 60 and seen["config"].store.max_sessions == 10
 
 
+def test_the_serve_limits_reach_the_cluster_config(monkeypatch):
+    """The replicas run the same app as plain cfr-serve, so the Host guard, client identity and per-client limits
+    given on the command line must reach the config every replica is built with."""
+    seen = {}
+    monkeypatch.setattr("cfr_runtime.serve.cluster.serve_on_ray", lambda address, model, config, *a, **k:
+                        seen.update(config=config))
+    result = run(["--ray", "auto", "--host", "0.0.0.0", "--allowed-host", "annot.example.org",
+                  "--client-identity", "header", "--client-header", "X-User", "--client-max-inflight", "5",
+                  "--queue-timeout", "7", "--client-max-sessions", "3", "--max-side", "4000"])
+    assert result.exit_code == 0, result.output
+    c = seen["config"]
+    assert "annot.example.org" in c.allowed_hosts and "localhost" in c.allowed_hosts
+    assert "0.0.0.0" not in c.allowed_hosts
+    assert (c.client_identity, c.client_header, c.client_max_inflight, c.queue_timeout_s) == ("header", "x-user", 5, 7)
+    assert (c.store.client_max_sessions, c.upload.max_side) == (3, 4000)
+
+
+def test_a_bad_serve_limit_is_refused_with_ray_too(monkeypatch):
+    started = []
+    monkeypatch.setattr("cfr_runtime.serve.cluster.serve_on_ray", lambda *a, **k: started.append(a))
+    result = run(["--ray", "auto", "--client-header", "X-User"])
+    assert result.exit_code == 2 and "--client-header x-user is used only with --client-identity header" in (
+        result.output), result.output
+    assert not started
+
+
+def test_config_from_matches_the_cli_defaults_and_reads_serve_config_strings(monkeypatch):
+    """`serve run` config files reach the same limits as the CLI (strings, comma-separated host names)."""
+    from cfr_runtime.serve.app import ServeConfig
+    from cfr_runtime.serve.cluster import config_from, deploy
+
+    default = config_from()
+    assert (default.allowed_hosts, default.client_identity, default.client_max_inflight, default.queue_timeout_s,
+            default.store, default.upload) == (ServeConfig().allowed_hosts, "address", 32, 120.0,
+                                               ServeConfig().store, ServeConfig().upload)
+    captured = {}
+    monkeypatch.setattr(deploy, "build_app", lambda model, config, options: captured.update(config=config))
+    deploy.app_builder({"allowed_hosts": "a.example, b.example", "client_identity": "header",
+                        "client_max_sessions": "4", "max_side": "5000", "queue_timeout": "9.5"})
+    c = captured["config"]
+    assert {"a.example", "b.example", "127.0.0.1"} <= set(c.allowed_hosts)
+    assert (c.client_identity, c.store.client_max_sessions, c.upload.max_side, c.queue_timeout_s) == (
+        "header", 4, 5000, 9.5)
+    with pytest.raises(Exception, match="client_max_sessions: 'many' is not a valid value"):
+        deploy.app_builder({"client_max_sessions": "many"})
+
+
 def test_an_unreachable_cluster_is_one_error_at_once():
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
     port = free_ports(1)[0]  # nothing listens there

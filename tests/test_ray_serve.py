@@ -101,6 +101,9 @@ def test_masks_equal_a_local_session_on_two_nodes(cluster, engine):
     assert len({info["node_id"] for info in reps.values()}) == 2, "one session replica per node"
     with httpx.Client(base_url=cluster.url, timeout=60) as client:
         assert "<canvas" in client.get("/").text
+        # the replicas run cfr-serve's own app: its Host guard (DNS rebinding) holds through Serve's proxy too
+        r = client.get("/health", headers={"Host": "rebind.example"})
+        assert r.status_code == 400 and "rebind.example" in r.text, r.text
         data = encode_png(blob_scene(7, 120, 160)[0])
         sids = []
         for _ in range(6):

@@ -108,7 +108,10 @@ def test_cvat_answer_off_the_event_loop_and_small(engine):
         poller.start()
         try:
             with httpx.Client(base_url=server.url, timeout=120) as c:
-                r = c.post("/cvat/interactor", content=body, headers={"Content-Type": "application/json"})
+                for _ in range(10):  # calls until /health was sampled often enough while they ran (load varies)
+                    r = c.post("/cvat/interactor", content=body, headers={"Content-Type": "application/json"})
+                    if r.status_code != 200 or len(health) >= 5:
+                        break
         finally:
             done.set()
             poller.join(30)
@@ -469,11 +472,36 @@ def load_attack_tool():
 @pytest.mark.parametrize("url", ["http://example.com:8000", "http://10.0.0.1:8000", "http://8.8.8.8:80",
                                  "https://127.0.0.1:8000", "http://127.0.0.1"])
 def test_attack_tool_refuses_anything_but_loopback(url):
+    """Loopback only, refused before anything starts, in the shared error format (`<tool>: error: ...`, exit 2)."""
+    from click.testing import CliRunner
+
+    from cfr_runtime.errors import InputError
+
     tool = load_attack_tool()
-    with pytest.raises(SystemExit, match="refusing|must be|cannot resolve"):
+    with pytest.raises(InputError, match="refusing|must be|cannot resolve"):
         tool.loopback_url(url)
     assert tool.loopback_url("http://127.0.0.1:8000") == ("127.0.0.1", 8000)
     assert tool.loopback_url("http://localhost:8000")[1] == 8000
+    result = CliRunner().invoke(tool.main, ["--url", url])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("serve_attack.py: error: Invalid value for '--url': ") and \
+        len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "exactly one of --url and --spawn"),
+    (["--spawn", "--url", "http://127.0.0.1:8000"], "exactly one of --url and --spawn"),
+    (["--spawn", "--only", "bombs,nope"], "unknown attack(s) ['nope']"),
+    (["--spawn", "--frames-mp", "4,x"], "--frames-mp"),
+    (["--spawn", "--timeout", "-1"], "must be positive"),
+    (["--url", "http://127.0.0.1:8000", "model.onnx"], "MODEL is what --spawn serves"),
+])
+def test_attack_tool_usage_errors(args, needle):
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(load_attack_tool().main, args)
+    assert result.exit_code == 2 and result.output.startswith("serve_attack.py: error: "), result.output
+    assert needle in result.output, result.output
 
 
 def test_attack_tool_quick_run(tmp_path):

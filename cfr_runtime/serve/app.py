@@ -45,7 +45,8 @@ from .codec import (
     read_body,
     status_of,
 )
-from .fairness import IDENTITIES, FairScheduler, client_of
+from .fairness import IDENTITIES, FairScheduler
+from .gate import Gate
 from .memory import release_memory, rss_bytes
 from .security import LOOPBACK_HOSTS, HostGuard, require_json, require_upload_type
 from .store import Entry, SessionStore, StoreLimits, parse_mode
@@ -163,6 +164,7 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
     if store is None:
         store = SessionStore(engine, config.store)
     work = FairScheduler(config.max_concurrent, config.client_max_inflight, config.queue_timeout_s)
+    gate = Gate(store, work, config.client_identity, config.client_header)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -184,34 +186,8 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
     app.state.engine = engine
     app.state.config = config
     app.state.work = work
-
-    def client(request: Request) -> str:
-        return client_of(request, config.client_identity, config.client_header)
-
-    async def heavy(request: Request, fn, lock: asyncio.Lock | None = None, admitted: bool = False):
-        """Run `fn` in a worker once this client's turn comes (fairness.py): counted against the client's
-        in-flight limit (unless the caller already is), serialised with the session's other requests (`lock`)
-        without holding a thread."""
-        who = client(request)
-        with contextlib.nullcontext() if admitted else work.admitted(who):
-            async with lock if lock is not None else contextlib.nullcontext():
-                async with work.slot(who):
-                    return await run_in_threadpool(fn)
-
-    async def read_held(request: Request, limit: int, who: str):
-        """A large body, read while its size is held against the memory cap (the declared Content-Length,
-        else the limit), so that bodies waiting for their turn cannot pile up outside the cap. Returns
-        (body, reservation); the caller releases the reservation when it lets go of the body."""
-        declared = request.headers.get("content-length", "")
-        size = min(int(declared), limit + 1) if declared.isdigit() else limit
-        if size > limit:
-            raise http_error(InputError, 413, f"request body is {declared} bytes; the limit is {limit}")
-        held = await run_in_threadpool(store.hold, size, who)
-        try:
-            return await read_body(request, limit), held
-        except BaseException:
-            held.release()
-            raise
+    app.state.gate = gate  # what adapters registered on this app use to reach heavy work (gate.py)
+    client, heavy, read_held = gate.client, gate.run, gate.read_held
 
     @app.exception_handler(CfrError)
     async def on_cfr_error(request: Request, exc: CfrError):
@@ -266,7 +242,7 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         require_upload_type(request)
         parse_mode(mode)
         who = client(request)
-        with work.admitted(who):
+        with gate.admitted(who):
             body, held = await read_held(request, config.upload.max_bytes, who)
             with held:
                 header = await run_in_threadpool(probe_upload, body, config.upload)  # refusals before queueing
@@ -356,7 +332,7 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
         require_json(request, "CVAT request body")
         parse_mode(mode)
         who = client(request)
-        with work.admitted(who):
+        with gate.admitted(who):
             raw, held = await read_held(request, cvat_limit, who)
             with held:
                 data = await heavy(request, lambda: cvat.interact(store, raw, limits=config.upload, mode=mode,
@@ -366,8 +342,8 @@ def create_app(engine: Engine | str, config: ServeConfig | None = None, store: S
     app.add_api_route("/cvat/interactor", interact, methods=["POST"], summary="CVAT interactor function body")
     app.add_api_route("/", interact, methods=["POST"], include_in_schema=False)
 
-    # -- Label Studio ML backend (issue 17): routes under /labelstudio, see labelstudio.py --
+    # ---- the Label Studio ML backend (labelstudio.py): routes under /labelstudio, through app.state.gate ----
     from .labelstudio import add_labelstudio_routes
 
-    add_labelstudio_routes(app, store, config, work)  # ported to the replay primitive in the next commit
+    add_labelstudio_routes(app)
     return app

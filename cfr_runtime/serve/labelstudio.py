@@ -16,11 +16,20 @@ Read from Label Studio's source (label_studio/ml/api_connector.py, models.py, an
   keypoint placed with Alt). Label Studio hands `results[0]` back to the page, which shows its `result` as
   a suggestion: here one `brushlabels` region in Label Studio's brush RLE, with a score and model version.
 
-State: the click list in the request is the truth. A task's image is fetched once (labelstudio_fetch: from
-LABEL_STUDIO_URL only) and kept as a stored session keyed by task, image URL and mode; `replay` brings that
-session to the request's clicks, so the answer is the one a fresh Session fed those clicks in Label
-Studio's order gives, and a new click costs one click's forwards. Evicting a session (idle timeout, LRU, a
-webhook saying the task was annotated or deleted) therefore only costs time, never correctness.
+State: the click list in the request is the truth. Each `/predict` is one call of `SessionStore.replay`
+(the stateless primitive the CVAT adapter and the cluster use too) keyed by task and image URL, with the
+keypoints in Label Studio's order and the requesting client's identity: the answer is the one a fresh
+Session fed those clicks in that order gives, and when the previous call's clicks are a prefix (a keypoint
+added) the cached session is reused and the call costs one click's forwards. The task's image is fetched
+(labelstudio_fetch: from LABEL_STUDIO_URL only) only when no cached session can be used, and decoded under
+the store's memory reservation and the upload limits. Evicting a session (idle timeout, LRU, a webhook
+saying the task was annotated or deleted) therefore only costs time, never correctness.
+
+Limits: the routes go through the app's `Gate` (app.state.gate) like the page's and CVAT's: bodies are JSON
+only (`require_json`), read while held against the memory cap (`read_held`), counted against the client's
+in-flight limit, and a prediction (parse, fetch, decode, forwards, RLE) runs in the fair queue's worker
+slots. `/setup` and `/webhook` only parse JSON and run in a worker thread outside the queue, so Label
+Studio's 3 s timeout on `/setup` is not spent waiting behind clicks.
 
 Why the brush encoder comes from Label Studio's package (label_studio_sdk.converter.brush, or the same code
 as label_studio_converter.brush): the page decodes what that encoder writes, so our masks are in exactly
@@ -32,10 +41,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import json
 import math
 import secrets
-import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -48,11 +55,13 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from ..errors import InputError, SessionNotFoundError
-from ..session import Click, Session
-from .codec import http_error, read_body
+from ..errors import InputError
+from ..session import Click
+from .codec import http_error, parse_json
+from .gate import Gate
 from .labelstudio_fetch import ImageFetcher, LabelStudioConfig
-from .store import Entry, SessionStore, format_mode, parse_mode
+from .security import require_json
+from .store import SessionStore, format_mode, parse_mode
 
 PREFIX = "/labelstudio"
 MODEL_CLASS = "cfr-icl"
@@ -125,13 +134,21 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def clicks_from_context(results: Any, schema: Schema, size: tuple[int, int]) -> tuple[list[Click], str | None]:
-    """The clicks (image pixels, in Label Studio's order) and the keypoints' label, from `context.result`."""
-    w, h = size
+def _side(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def clicks_from_context(results: Any, schema: Schema) -> tuple[list[Click], str | None, tuple[int, int] | None]:
+    """The clicks (image pixels, in Label Studio's order), the keypoints' label and the (width, height) of the
+    image they were placed on, from `context.result`; size None when there are no keypoints.
+
+    Label Studio gives each keypoint in percent of its `original_width` x `original_height`; the pixels are
+    computed for that size, and `SessionStore.replay(size=...)` refuses a task image of another size."""
     if not isinstance(results, list):
         raise http_error(InputError, 400, f"context.result must be a list of regions, got {type(results).__name__}")
     clicks: list[Click] = []
     label = None
+    size: tuple[int, int] | None = None
     for i, r in enumerate(results):
         where = f"context.result[{i}]"
         if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
@@ -148,10 +165,16 @@ def clicks_from_context(results: Any, schema: Schema, size: tuple[int, int]) -> 
         if r.get("image_rotation", 0) not in (0, None):
             raise http_error(InputError, 400, f"{where} was placed on an image rotated by {r['image_rotation']} "
                                               "degrees in Label Studio; reset the rotation and click again")
-        declared = (r.get("original_width", w), r.get("original_height", h))
-        if declared != (w, h):
-            raise http_error(InputError, 400, f"{where} was placed on a {declared[0]}x{declared[1]} image, but "
-                                              f"the task's image is {w}x{h}")
+        w, h = r.get("original_width"), r.get("original_height")
+        if not (_side(w) and _side(h)):
+            raise http_error(InputError, 400, f"{where}: original_width and original_height must be the pixel size "
+                                              "of the image the keypoint was placed on (Label Studio sends them "
+                                              f"with every keypoint), got {w!r} x {h!r}")
+        if size is None:
+            size = (w, h)
+        elif (w, h) != size:
+            raise http_error(InputError, 400, f"{where} was placed on a {w}x{h} image, but context.result[0] on a "
+                                              f"{size[0]}x{size[1]} image")
         v = r["value"]
         x, y = v.get("x"), v.get("y")
         if not (_number(x) and _number(y) and 0 <= x <= 100 and 0 <= y <= 100):
@@ -164,28 +187,7 @@ def clicks_from_context(results: Any, schema: Schema, size: tuple[int, int]) -> 
         if isinstance(names, list) and names and label is None:
             label = str(names[0])
         clicks.append(Click(float(to_pixel(x, w)), float(to_pixel(y, h)), positive))
-    return clicks, label
-
-
-# ---- the state rule -------------------------------------------------------------------------------------
-def replay(session: Session, clicks: list[Click]) -> int:
-    """Bring `session` to exactly `clicks`, in order: undo back to the longest common prefix, then add the rest.
-
-    Undo restores a Session bit for bit, so the result equals a fresh Session fed `clicks`; the common case
-    (one keypoint more than last time) costs one click's forwards. Returns the forwards run. This is the
-    one place where a stateless request's click list meets a cached session.
-    """
-    have = session.clicks
-    keep = 0
-    while keep < min(len(have), len(clicks)) and have[keep] == clicks[keep]:
-        keep += 1
-    for _ in range(len(have) - keep):
-        session.undo()
-    forwards = 0
-    for c in clicks[keep:]:
-        session.add_click(c.x, c.y, c.positive)
-        forwards += session.forwards[-1]
-    return forwards
+    return clicks, label, size
 
 
 # ---- masks in Label Studio's brush RLE ------------------------------------------------------------------
@@ -239,73 +241,56 @@ def model_version(engine, mode: str) -> str:
     return f"cfr-icl-{c.input_size}-{c.precision}-{digest}-{mode}"
 
 
-class _TaskIndex:
-    """task id -> stored session keys, so a webhook can drop a finished task's sessions."""
-
-    def __init__(self):
-        self._keys: dict[int, set[str]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, task: int, key: str) -> None:
-        with self._lock:
-            self._keys.setdefault(task, set()).add(key)
-
-    def pop(self, task: int) -> set[str]:
-        with self._lock:
-            return self._keys.pop(task, set())
+def canonical_mode(mode: str) -> str:
+    """The mode of a route (`/labelstudio/<mode>/...`) in its one spelling; 400 for an unknown one."""
+    return format_mode(*parse_mode(mode))
 
 
-def add_labelstudio_routes(app: FastAPI, store: SessionStore, config, slots,
-                           ls: LabelStudioConfig | None = None) -> None:
-    """Register the ML backend routes under PREFIX (and PREFIX/<mode>). `ls` defaults to the environment."""
+def task_key(task_id: int) -> str:
+    """The start of every store key of a task's sessions (the webhook forgets them by it)."""
+    return f"labelstudio|{task_id}|"
+
+
+def json_object(raw: bytes, what: str) -> dict:
+    data = parse_json(raw or b"null", what)
+    if not isinstance(data, dict):
+        raise http_error(InputError, 400, f"the {what} must be a JSON object")
+    return data
+
+
+def task_image(task: dict, schema: Schema, fetcher: ImageFetcher) -> tuple[int, str]:
+    """(task id, the absolute URL of its image on LABEL_STUDIO_URL); the SSRF rule is applied here, before any
+    network access."""
+    task_id = task.get("id")
+    if not isinstance(task_id, int) or isinstance(task_id, bool):
+        raise http_error(InputError, 400, "the task has no integer 'id'")
+    data = task.get("data")
+    if not isinstance(data, dict) or schema.data_key not in data:
+        raise http_error(InputError, 400, f"task {task_id} has no data field {schema.data_key!r} "
+                                          f"(the <Image name={schema.image!r}> reads ${schema.data_key})")
+    return task_id, fetcher.resolve(data[schema.data_key], task_id)
+
+
+def add_labelstudio_routes(app: FastAPI, ls: LabelStudioConfig | None = None) -> None:
+    """Register the ML backend routes under PREFIX (and PREFIX/<mode>) on an app made by `create_app`, served by
+    its store, limits and `app.state.gate` as the page's routes are. `ls` defaults to the environment
+    (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)."""
+    store: SessionStore = app.state.store
+    gate: Gate = app.state.gate
+    config = app.state.config
     fetcher = ImageFetcher(ls or LabelStudioConfig.from_env(), config.upload)
     engine = store.engine
-    tasks = _TaskIndex()
-    opening: dict[str, threading.Lock] = {}  # one fetch per task at a time
-    opening_lock = threading.Lock()
-    body_limit = config.upload.max_bytes  # JSON with the task (and its earlier predictions' RLE)
+    body_limit = config.upload.max_bytes  # a task's JSON (with its earlier predictions' RLE), an event
 
-    async def read_json(request: Request) -> dict:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise http_error(InputError, 415, f"send JSON with Content-Type: application/json, not {ctype or 'none'}")
-        raw = await read_body(request, body_limit)
-        try:
-            data = await run_in_threadpool(json.loads, raw or b"null")
-        except json.JSONDecodeError as exc:
-            raise http_error(InputError, 400, f"the request body is not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise http_error(InputError, 400, "the request body must be a JSON object")
-        return data
+    async def read_object(request: Request, who: str, what: str) -> dict:
+        """A JSON-object body, read held and parsed in a worker thread; the caller holds `gate.admitted(who)`."""
+        require_json(request, what)
+        raw, held = await gate.read_held(request, body_limit, who)
+        with held:
+            return await run_in_threadpool(json_object, raw, what)
 
-    def session_for(task: dict, schema: Schema, mode: str) -> Entry:
-        task_id = task.get("id")
-        if not isinstance(task_id, int) or isinstance(task_id, bool):
-            raise http_error(InputError, 400, "the task has no integer 'id'")
-        data = task.get("data")
-        if not isinstance(data, dict) or schema.data_key not in data:
-            raise http_error(InputError, 400, f"task {task_id} has no data field {schema.data_key!r} "
-                                              f"(the <Image name={schema.image!r}> reads ${schema.data_key})")
-        url = fetcher.resolve(data[schema.data_key], task_id)
-        key = f"labelstudio|{task_id}|{url}|{mode}"
-        entry = store.by_key(key)
-        if entry is not None:
-            return entry
-        with opening_lock:
-            lock = opening.setdefault(key, threading.Lock())
-        try:
-            with lock:  # a second request for the same new task waits for the first fetch instead of repeating it
-                entry = store.by_key(key)
-                if entry is None:
-                    rgb = fetcher.load(url)
-                    entry = store.create(rgb, mode, key)
-                    tasks.add(task_id, key)
-        finally:
-            with opening_lock:
-                opening.pop(key, None)
-        return entry
-
-    def predict_sync(data: dict, mode: str, start: float) -> dict:
+    def predict_sync(raw: bytes, mode: str, who: str, start: float) -> JSONResponse:
+        data = json_object(raw, "Label Studio request body")
         version = model_version(engine, mode)
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
         context = params.get("context", data.get("context"))
@@ -313,24 +298,22 @@ def add_labelstudio_routes(app: FastAPI, store: SessionStore, config, slots,
         if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
             raise http_error(InputError, 400, "'tasks' must be a list of Label Studio tasks")
         if not context:  # batch pre-annotation: a click model has nothing to say without clicks
-            return {"results": [], "model_version": version}
+            return JSONResponse({"results": [], "model_version": version})
         if not isinstance(context, dict):
             raise http_error(InputError, 400, "params.context must be an object with a 'result' list")
         if len(items) != 1:
             raise http_error(InputError, 400, f"an interactive request carries one task, got {len(items)}")
         schema = parse_schema(data.get("label_config"))
-        entry = session_for(items[0], schema, mode)
-        size = entry.size
-        clicks, label = clicks_from_context(context.get("result", []), schema, size)
+        task_id, url = task_image(items[0], schema, fetcher)
+        clicks, label, size = clicks_from_context(context.get("result", []), schema)
         if not clicks:  # the last keypoint was deleted: an empty suggestion clears the mask on the page
-            return {"results": [{"result": [], "score": 0.0, "model_version": version}]}
+            return JSONResponse({"results": [{"result": [], "score": 0.0, "model_version": version}]})
         brush_label = schema.brush_label(label)
-        with entry.lock:
-            with slots:
-                forwards = replay(entry.session, clicks)
-            mask = entry.session.mask
-            score = float(entry.session.probs[mask].mean()) if mask.any() else 0.0
-        store.touched(entry)
+        brush_module()  # a missing codec is refused before any work, not after it
+        with store.replay(task_key(task_id) + url, fetcher.image(url), clicks, mode, client=who, size=size) as r:
+            mask = r.session.mask
+            score = float(r.session.probs[mask].mean()) if mask.any() else 0.0
+            forwards = r.forwards
         w, h = size
         region = {"id": secrets.token_hex(5), "from_name": schema.brush, "to_name": schema.image,
                   "type": "brushlabels", "original_width": w, "original_height": h, "image_rotation": 0,
@@ -339,56 +322,57 @@ def add_labelstudio_routes(app: FastAPI, store: SessionStore, config, slots,
         prediction = {"result": [region], "score": score, "model_version": version,
                       "cfr": {"clicks": len(clicks), "forwards": forwards, "area": int(mask.sum()),
                               "server_ms": round((time.perf_counter() - start) * 1000, 3)}}
-        return {"results": [prediction]}
+        return JSONResponse({"results": [prediction]})  # rendered here, in the worker
 
     # ---- handlers --------------------------------------------------------------------------------------
     def health(mode: str = "StdInfer"):
-        mode = format_mode(*parse_mode(mode))
-        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": model_version(engine, mode),
-                "label_studio_url": fetcher.config.url}
+        return {"status": "UP", "model_class": MODEL_CLASS,
+                "model_version": model_version(engine, canonical_mode(mode)), "label_studio_url": fetcher.config.url}
 
     async def setup(request: Request, mode: str = "StdInfer"):
-        mode = format_mode(*parse_mode(mode))
-        data = await read_json(request)
+        mode = canonical_mode(mode)
+        who = gate.client(request)
+        with gate.admitted(who):
+            data = await read_object(request, who, "Label Studio setup body")
         # hostname/access_token in the body are ignored on purpose: images come from LABEL_STUDIO_URL only
-        if data.get("schema"):
-            parse_schema(data["schema"])  # an unusable labeling config fails here, where Label Studio shows it
-        brush_module()  # a missing codec fails here, where Label Studio shows it, not on the first click
+
+        def check() -> None:  # an unusable labeling config or a missing codec fails here, where Label Studio
+            if data.get("schema"):  # shows it when the model is connected, not on the first click
+                parse_schema(data["schema"])
+            brush_module()
+
+        await run_in_threadpool(check)
         return {"model_version": model_version(engine, mode)}
 
     async def predict(request: Request, mode: str = "StdInfer"):
         start = time.perf_counter()
-        mode = format_mode(*parse_mode(mode))
-        data = await read_json(request)
-        return JSONResponse(await run_in_threadpool(predict_sync, data, mode, start))
+        mode = canonical_mode(mode)
+        who = gate.client(request)
+        with gate.admitted(who):
+            require_json(request, "Label Studio request body")
+            raw, held = await gate.read_held(request, body_limit, who)
+            with held:  # the body stays held against the memory cap until its prediction is done
+                return await gate.run(request, lambda: predict_sync(raw, mode, who, start), admitted=True)
 
     def versions(mode: str = "StdInfer"):
-        return {"versions": [model_version(engine, format_mode(*parse_mode(mode)))]}
+        return {"versions": [model_version(engine, canonical_mode(mode))]}
 
     async def webhook(request: Request, mode: str = "StdInfer"):
-        data = await read_json(request)
+        canonical_mode(mode)
+        who = gate.client(request)
+        with gate.admitted(who):
+            data = await read_object(request, who, "Label Studio webhook body")
         action = data.get("action")
-        # ANNOTATION_* events nest the task (a list for ANNOTATIONS_CREATED); TASKS_DELETED lists {id}s
-        found = []
-        for field in ("task", "tasks"):
-            value = data.get(field)
-            found += value if isinstance(value, list) else [value]
-        ids = [t.get("id") for t in found if isinstance(t, dict)]
         if action not in DROP_ACTIONS:
             return {"status": "ok", "action": action, "dropped": 0}
-        dropped = 0
-        for task_id in ids:
-            if not isinstance(task_id, int):
-                continue
-            for key in tasks.pop(task_id):
-                entry = store.by_key(key)
-                if entry is None:
-                    continue
-                try:
-                    store.delete(entry.id)
-                    dropped += 1
-                except SessionNotFoundError:
-                    pass
+        # ANNOTATION_* events nest the task (a list for ANNOTATIONS_CREATED); TASKS_DELETED lists {id}s
+        found = []
+        for name in ("task", "tasks"):
+            value = data.get(name)
+            found += value if isinstance(value, list) else [value]
+        ids = {t.get("id") for t in found if isinstance(t, dict)}
+        prefixes = [task_key(i) for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+        dropped = await run_in_threadpool(lambda: sum(store.forget(p) for p in prefixes))
         return {"status": "ok", "action": action, "dropped": dropped}
 
     for base in (PREFIX, PREFIX + "/{mode}"):

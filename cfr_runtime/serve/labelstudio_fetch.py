@@ -5,8 +5,9 @@ Label Studio sends the ML backend an image *URL* (an upload `/data/upload/...`, 
 root or absolute. Anyone who can reach cfr-serve can post such a request, so the URL is untrusted: it is
 resolved against `LABEL_STUDIO_URL` and fetched only when its scheme, host and port are that server's
 (redirects too: a redirect to another origin is refused, not followed). The API key goes to that origin
-only. The body is read under cfr-serve's upload byte limit and decoded under its pixel limits
-(`codec.decode_upload`), exactly as an upload to `POST /sessions` is.
+only. The body is read under cfr-serve's upload byte limit; `TaskImage` hands it to `SessionStore.replay` as
+an upload to `POST /sessions` is handled: the header checked against the pixel limits and the memory reserved
+from it before a pixel is decoded (`codec.EncodedImage`), and fetched only when no cached session can be used.
 
 API keys: a legacy token (`Authorization: Token <key>`, enabled in Label Studio by
 LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true) or a personal access token (a JWT refresh token), which is
@@ -27,10 +28,8 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..errors import InputError
-from .codec import UploadLimits, decode_upload, http_error
+from .codec import EncodedImage, UploadLimits, http_error
 
 ENV_URL = "LABEL_STUDIO_URL"
 ENV_KEY = "LABEL_STUDIO_API_KEY"
@@ -206,9 +205,25 @@ class ImageFetcher:
             return http_error(InputError, 502, f"Label Studio answered {code} for {_short(url)}: {why}")
         return http_error(InputError, 502, f"Label Studio answered {code} for {_short(url)}")
 
-    def load(self, absolute: str) -> np.ndarray:
-        """The decoded RGB image at a `resolve`d URL; every refusal is an InputError."""
-        return decode_upload(self.fetch(absolute), self.limits)
+    def image(self, absolute: str) -> TaskImage:
+        """The image at a `resolve`d URL as `SessionStore.replay` takes it (nothing is fetched yet)."""
+        return TaskImage(self, absolute)
+
+
+class TaskImage(EncodedImage):
+    """A task's image for `SessionStore.replay`: fetched from Label Studio on first use (only when no cached
+    session of the task can be used, so a click on an open task fetches nothing), then its header (for the
+    memory reservation and the pixel limits) and its pixels, each once, as `codec.EncodedImage` does."""
+
+    def __init__(self, fetcher: ImageFetcher, url: str):
+        super().__init__(b"", fetcher.limits, what=f"image {_short(url)}")
+        self.fetcher, self.url = fetcher, url
+
+    @property
+    def blob(self) -> bytes:
+        if self._blob is None:
+            self._blob = self.fetcher.fetch(self.url)
+        return self._blob
 
 
 def _short(url: str, n: int = 120) -> str:

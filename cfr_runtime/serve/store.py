@@ -349,7 +349,8 @@ class SessionStore:
 
     @contextmanager
     def replay(self, key: str, image: ImageSource | Callable[[], np.ndarray], clicks: Sequence[Click | Sequence],
-               mode: str = "StdInfer", client: str = ANONYMOUS) -> Iterator[Replayed]:
+               mode: str = "StdInfer", client: str = ANONYMOUS,
+               size: tuple[int, int] | None = None) -> Iterator[Replayed]:
         """The stateless rule: a session in exactly the state of a fresh `Session(mode)` on the image, fed
         `clicks` one by one in the order given.
 
@@ -363,6 +364,9 @@ class SessionStore:
           (x, y, positive), in the order they are to be applied, each run under `mode`; or (x, y, positive,
           click_mode) for a click that ran under another mode (a session whose mode changed between clicks;
           `mode` is then the mode it is left in). client: who the new session is accounted to.
+          size: (width, height) of the image the clicks were placed on, when the protocol says (Label Studio's
+          coordinates are percentages of the image it showed): a session on an image of another size is refused
+          (InputError 400) before any click is applied, since those pixels would name other points.
         The order is the caller's protocol decision and must be documented there (the CVAT adapter: every
         positive point in the order sent, then every negative point).
 
@@ -381,6 +385,10 @@ class SessionStore:
         key = f"{key}|{mode}"
         entry, created = self._checkout(key, image, mode, wanted, client)
         try:
+            if size is not None and entry.size != tuple(size):
+                w, h = entry.size
+                raise http_error(InputError, 400, f"the clicks were placed on a {size[0]}x{size[1]} image, but the "
+                                                  f"image is {w}x{h}")
             kept, forwards = advance(entry.session, wanted, mode)
             yield Replayed(entry, kept, forwards, created)
         finally:
@@ -430,6 +438,21 @@ class SessionStore:
                 self._opening[key] -= 1
                 if self._opening[key] <= 0:
                     del self._opening[key]
+
+    def forget(self, prefix: str) -> int:
+        """Drop every session filed under an adapter key that starts with `prefix`, in every mode and whether in
+        use or not (e.g. a Label Studio task's sessions once its annotation is saved); returns how many. It only
+        costs time: `replay` gives the same answers without them."""
+        if not prefix:
+            raise InputError("forget() needs a key prefix; an empty one would drop every adapter's sessions")
+        with self._lock:
+            doomed = [self._entries[sid] for key, ids in self._keys.items() if key.startswith(prefix)
+                      for sid in ids if sid in self._entries]
+            for entry in doomed:
+                self._drop(entry)
+        if doomed:
+            release_memory()
+        return len(doomed)
 
     def delete(self, sid: str) -> None:
         with self._lock:

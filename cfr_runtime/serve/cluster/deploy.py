@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -292,36 +293,59 @@ def build_app(model: str | Path | None = None, config: ServeConfig | None = None
 
 
 def config_from(idle_timeout: float = 900.0, max_sessions: int = 64, max_memory_mb: float = 2048.0,
-                max_upload_mb: float = 20.0, max_pixels: int = 40_000_000, max_concurrent: int = 2) -> ServeConfig:
-    """`cfr-serve`'s limits as a ServeConfig (the same defaults and sweep interval rule as its CLI)."""
+                max_upload_mb: float = 20.0, max_pixels: int = 40_000_000, max_concurrent: int = 2,
+                allowed_hosts: Sequence[str] | str = (), client_identity: str = "address",
+                client_header: str = "x-client-id", client_max_inflight: int = 32, queue_timeout: float = 120.0,
+                client_max_sessions: int = 32, max_side: int = 12_000) -> ServeConfig:
+    """`cfr-serve`'s limits as a ServeConfig (the same names, defaults and sweep interval rule as its CLI, whose
+    `--allowed-host` is `allowed_hosts` here: names answered besides the loopback ones, a list or a
+    comma-separated string; "*" answers any)."""
     from ...errors import InputError
+    from ..security import LOOPBACK_HOSTS
 
-    if min(idle_timeout, max_sessions, max_memory_mb, max_upload_mb, max_pixels, max_concurrent) <= 0:
+    if min(idle_timeout, max_sessions, max_memory_mb, max_upload_mb, max_pixels, max_concurrent, client_max_inflight,
+           queue_timeout, client_max_sessions, max_side) <= 0:
         raise InputError("limits must be positive")
+    if isinstance(allowed_hosts, str):
+        allowed_hosts = allowed_hosts.split(",")
+    extra = [h.strip().lower() for h in allowed_hosts if h.strip()]
     return ServeConfig(
-        store=StoreLimits(idle_timeout_s=idle_timeout, max_sessions=max_sessions, max_memory_mb=max_memory_mb),
-        upload=UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels),
-        sweep_interval_s=max(0.2, min(5.0, idle_timeout / 4)), max_concurrent=max_concurrent)
+        store=StoreLimits(idle_timeout_s=idle_timeout, max_sessions=max_sessions, max_memory_mb=max_memory_mb,
+                          client_max_sessions=client_max_sessions),
+        upload=UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_side=max_side),
+        sweep_interval_s=max(0.2, min(5.0, idle_timeout / 4)), max_concurrent=max_concurrent,
+        allowed_hosts=tuple(dict.fromkeys([*LOOPBACK_HOSTS, *extra])), client_identity=client_identity,
+        client_header=client_header.strip().lower(), client_max_inflight=client_max_inflight,
+        queue_timeout_s=queue_timeout)
+
+
+# app_builder's keys for config_from, with how a Serve config's string value is read
+LIMIT_KEYS = {"idle_timeout": float, "max_sessions": int, "max_memory_mb": float, "max_upload_mb": float,
+              "max_pixels": int, "max_concurrent": int, "allowed_hosts": lambda v: v, "client_identity": str,
+              "client_header": str, "client_max_inflight": int, "queue_timeout": float, "client_max_sessions": int,
+              "max_side": int}
 
 
 def app_builder(args: dict):
     """For `serve run cfr_runtime.serve.cluster:app_builder key=value ...` and Serve config files. Keys: model,
-    the `ClusterOptions` fields and `cfr-serve`'s limits (idle_timeout, max_sessions, max_memory_mb,
-    max_upload_mb, max_pixels, max_concurrent)."""
+    the `ClusterOptions` fields and `cfr-serve`'s limits (`LIMIT_KEYS`: idle_timeout, max_sessions, ...,
+    allowed_hosts, client_identity, ...; see `config_from`)."""
     from ...errors import InputError
 
     args = dict(args or {})
     model = args.pop("model", None)
-    limit_keys = ("idle_timeout", "max_sessions", "max_memory_mb", "max_upload_mb", "max_pixels", "max_concurrent")
     option_types = {f.name: f.type for f in fields(ClusterOptions)}
     limits, options = {}, {}
     for key, value in args.items():
-        if key in limit_keys:
-            limits[key] = int(value) if key in ("max_sessions", "max_pixels", "max_concurrent") else float(value)
+        if key in LIMIT_KEYS:
+            try:
+                limits[key] = LIMIT_KEYS[key](value)
+            except (TypeError, ValueError):
+                raise InputError(f"{key}: {value!r} is not a valid value") from None
         elif key in option_types:
             options[key] = _coerce(key, value, ClusterOptions.__dataclass_fields__[key].default)
         else:
-            raise InputError(f"unknown argument {key!r}; use model, {', '.join(limit_keys)} or "
+            raise InputError(f"unknown argument {key!r}; use model, {', '.join(LIMIT_KEYS)} or "
                              f"{', '.join(option_types)}")
     return build_app(model, config_from(**limits), ClusterOptions(**options))
 
