@@ -10,7 +10,7 @@ pytest.importorskip("fastapi", reason="fastapi is not installed (pip install -e 
 
 from cfr_runtime.serve import cli  # noqa: E402
 from cfr_runtime.serve.cluster import options as cluster_cli  # noqa: E402
-from tests.ray_util import free_ports  # noqa: E402
+from tests.ray_util import free_ports, require_ray_serve  # noqa: E402
 
 
 def run(args: list[str]):
@@ -121,7 +121,7 @@ def test_config_from_matches_the_cli_defaults_and_reads_serve_config_strings(mon
 
 
 def test_an_unreachable_cluster_is_one_error_at_once():
-    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
+    require_ray_serve()
     port = free_ports(1)[0]  # nothing listens there
     result = run(["--ray", f"127.0.0.1:{port}"])
     assert result.exit_code == 2 and "cannot reach the Ray cluster" in result.output, result.output
