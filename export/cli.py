@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from cfr_runtime.cli_options import checkpoint_argument, command, option, out_option, overwrite_option, refuse_existing
-from cfr_runtime.contract import MAX_INPUT_SIZE, MAX_POINTS_LIMIT
+from cfr_runtime.contract import MAX_BATCH_LIMIT, MAX_INPUT_SIZE, MAX_POINTS_LIMIT
 from cfr_runtime.errors import CfrError
 
 
@@ -103,11 +103,15 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
         help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
 @option("--opt-image", type=str, default=None, metavar="HxW",
         help="full graph: the image size TensorRT tunes for (default 1024x1024).")
+@option("--max-batch", type=click.IntRange(1, MAX_BATCH_LIMIT), default=1, show_default=True, metavar="N",
+        help="square graph: a batch axis, so one call runs the forwards of up to N sessions (cfr-serve --ray "
+             "--batch-size); 1: none (batch-1 graph).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: bool, size: int | None,
          max_points: int, flip: bool, fp16: bool, int8: bool, verify_seed: int | None, graph: str,
-         max_image: str | None, opt_image: str | None) -> None:
+         max_image: str | None, opt_image: str | None, max_batch: int) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
+    _check_batch(max_batch, graph, engine, int8)
     if not overwrite:
         refuse_existing(_targets(out_dir, graph, fp16, int8, engine),
                         "pass --overwrite to replace it (a rejected export still keeps it), or choose another -o")
@@ -116,7 +120,7 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: b
         from .verify import export_verified
 
         fp32_path, contract, torch_graph, report = export_verified(checkpoint, out_dir, size, max_points, flip,
-                                                                   seed=verify_seed, **limits)
+                                                                   seed=verify_seed, max_batch=max_batch, **limits)
         native = contract.arch.get("backbone_params", {}).get("img_size", [contract.input_size])[0]
         if native != contract.input_size:
             click.echo(f"note: the checkpoint was trained at {native} px; exported at --size "
@@ -127,7 +131,7 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: b
         if fp16:
             onnx_path, _, _, report16 = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip,
                                                         fp16=True, seed=verify_seed, reference=torch_graph,
-                                                        **limits)
+                                                        max_batch=max_batch, **limits)
             click.echo(f"wrote {onnx_path}\n  fp16: {report16}")
         if int8:
             from cfr_runtime.fileio import staged_file
@@ -154,6 +158,23 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: b
     except OSError as exc:  # a full disk or a folder made read-only mid-export
         click.echo(f"cfr-export: error: cannot write to {out_dir}: {exc}", err=True)
         sys.exit(2)
+
+
+def _check_batch(max_batch: int, graph: str, engine: str, int8: bool) -> None:
+    """Refuse up front the exports a batch axis does not fit."""
+    if max_batch == 1:
+        return
+    if graph != "square":
+        raise click.BadParameter("a batch axis is for the square graph (--graph square); the full graph runs one "
+                                 "image at its own size per call", param_hint="--max-batch")
+    if engine == "trt":
+        raise click.BadParameter("TensorRT plans are built for batch 1 here (fixed-shape profile); export the plan "
+                                 "without --max-batch, or serve the batch-axis ONNX graph on ONNX Runtime's CUDA "
+                                 "provider", param_hint="--max-batch")
+    if int8:
+        raise click.BadParameter("--int8 quantizes activations with scales computed over each call's whole input, "
+                                 "so a click's result would depend on the other sessions in its batch; export the "
+                                 "int8 graph without --max-batch", param_hint="--max-batch")
 
 
 def _targets(out_dir: Path, graph: str, fp16: bool, int8: bool, engine: str) -> list[Path]:

@@ -14,6 +14,7 @@ import torch
 
 import cfr_runtime
 from cfr_runtime.contract import (
+    DIM_BATCH,
     DIM_H,
     DIM_W,
     FULL_DISK_ROWS,
@@ -131,6 +132,11 @@ def full_verification_cases(contract: Contract, seed: int = 0) -> list[dict[str,
     ]
 
 
+def stack_batch(cases: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Square-graph inputs of several items as one batch (item i of each input is case i's)."""
+    return {name: np.concatenate([case[name] for case in cases]) for name in INPUT_NAMES}
+
+
 def torch_reference(graph: ContractGraph | FullGraph, inputs: dict[str, np.ndarray]):
     """The torch graph on numpy inputs: probs (square) or the tuple of full-graph outputs."""
     with torch.no_grad():
@@ -175,9 +181,12 @@ def build_graph(model, contract: Contract) -> ContractGraph | FullGraph:
 
 
 def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
-    """ONNX dynamic axes of the full graph (every H / W dim); None for the square graph (static)."""
+    """ONNX dynamic axes of the full graph (every H / W dim); for the square graph the leading (batch) dim of
+    every tensor when it has a batch axis (`max_batch` > 1), else None (static)."""
     if not contract.full:
-        return None
+        if not contract.batched:
+            return None
+        return {name: {0: DIM_BATCH} for name in (*contract.input_names(), *contract.output_names())}
     return {name: {i: d for i, d in enumerate(shape) if d in (DIM_H, DIM_W)}
             for name, (shape, _) in contract.io().items() if DIM_H in shape or DIM_W in shape}
 
@@ -185,10 +194,14 @@ def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = None, max_points: int = 24,
                 flip: bool = True, fp16: bool = False, graph: str = GRAPH_SQUARE,
                 max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
-                final_name: str | None = None,
+                final_name: str | None = None, max_batch: int = 1,
                 ) -> tuple[Path, Contract, ContractGraph | FullGraph]:
     """Write `model.onnx` (or `model_fp16.onnx`; `model_full*.onnx` for graph="full") into out_dir; return
     its path, contract and torch graph (fp32, the verification reference).
+
+    max_batch > 1 (square graph only) gives the graph a batch axis (cfr_runtime.contract): an option, not the
+    default, because a batch-1 graph is what one annotator needs, keeps every consumer static (TensorRT plans
+    are built for batch 1), and only a server batching the forwards of many sessions gains from it.
 
     size None keeps the checkpoint's own input size. The file is written under a temporary name and renamed,
     so a crash never leaves half a model; `final_name=""` leaves it under the temporary name for the caller
@@ -196,6 +209,9 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
     """
     if graph not in (GRAPH_SQUARE, GRAPH_FULL):
         raise ExportError(f"unknown graph {graph!r}; choose 'square' or 'full'")
+    if max_batch != 1 and graph != GRAPH_SQUARE:
+        raise ExportError("a batch axis (--max-batch) is for the square graph; the full graph runs one image "
+                          "at its own size per call")
     out_dir = _writable_dir(Path(out_dir))
     model, info = load_model(checkpoint, input_size=size)
     check_finite_weights(model, checkpoint)
@@ -206,7 +222,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
                   if val is not None}
     contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=dict(
         name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
-        package_version=cfr_runtime.__version__, graph=graph, **limits)
+        package_version=cfr_runtime.__version__, graph=graph, max_batch=max_batch, **limits)
     torch_graph = build_graph(model, contract)
     export_graph = torch_graph
     if fp16:
@@ -216,6 +232,8 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
         export_graph = build_graph(half.half_precision(), contract)
     names_in, names_out = contract.input_names(), contract.output_names()
     dummy = full_example_inputs(contract, size + 13, size + 29) if contract.full else example_inputs(contract)
+    if contract.batched:  # traced on two items, so no size-1 leading dim can be folded into a constant
+        dummy = stack_batch([dummy, example_inputs(contract, seed=1)])
     with staged_file(out_dir / "model.onnx", ".trace.onnx") as tmp:
         try:
             with warnings.catch_warnings(), torch.no_grad():
@@ -227,6 +245,8 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
             proto = onnx.load(str(tmp))
         finally:
             tmp.unlink(missing_ok=True)  # the trace is only an intermediate
+    if contract.batched:
+        _static_item_dims(proto, contract)
     if fp16:
         contract = replace(contract, precision="fp16")
     _set_metadata(proto, contract)
@@ -236,6 +256,16 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
         if name:
             os.replace(staged, out_dir / name)
     return (out_dir / name if name else staged), contract, torch_graph
+
+
+def _static_item_dims(proto: onnx.ModelProto, contract: Contract) -> None:
+    """With a batch axis the tracer leaves the output's other dims symbolic too; write them as the contract says,
+    so every tensor reads (B, ...) with only B free."""
+    shapes = contract.shapes()
+    for value in (*proto.graph.input, *proto.graph.output):
+        if value.name in shapes:
+            for dim, size in zip(list(value.type.tensor_type.shape.dim)[1:], shapes[value.name][1:]):
+                dim.dim_value = size
 
 
 def model_file_name(contract: Contract) -> str:
