@@ -13,6 +13,13 @@ graph turned into disks in float32, the host decides every disk pixel with the o
 (`cfr_runtime.disks`) and the graph only places the rows it is given (`disk_rows`), for the plain and the
 flipped click. Files of versions 1 and 2 still parse (their metadata can be read), but no engine runs them:
 their disks differ from the official ones on tied pixels, so they are refused with the re-export command.
+
+Batch axis (square graph, `max_batch` > 1, `cfr-export --max-batch N`): the leading dimension of `image`,
+`prev_mask`, `disk_rows` and `probs` is the symbolic "B" instead of 1, so one engine call runs the forwards of
+up to `max_batch` sessions (item i of every input gives item i of `probs`; flip averaging is per item). Runners
+still bind batch-1 buffers, so nothing changes for a Session; `Engine.run_batch` stacks runners. It needs no new
+contract version: the field defaults to 1 (every file written before it: static, batch 1), and a runtime that
+does not know the field runs such a file at batch 1, as before.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ OUTPUT_PROBS = "probs"  # (1, 1, S, S) float32, sigmoid applied
 
 INPUT_NAMES = (INPUT_IMAGE, INPUT_PREV_MASK, INPUT_DISK_ROWS)
 OUTPUT_NAMES = (OUTPUT_PROBS,)
+DIM_BATCH = "B"  # symbolic leading dim of the square graph's tensors when exported with max_batch > 1
 
 # ---- the full-resolution graph ("full"); H x W is the image's own size, dynamic within the recorded limits
 FULL_IMAGE = "image_u8"  # (1, H, W, 3) uint8 RGB as the app holds it
@@ -98,10 +106,21 @@ class Contract:
     min_image: tuple[int, int] = (1, 1)
     opt_image: tuple[int, int] = (DEFAULT_OPT_SIDE, DEFAULT_OPT_SIDE)
     max_image: tuple[int, int] = (DEFAULT_MAX_SIDE, DEFAULT_MAX_SIDE)
+    # square graph only: forwards one engine call may run (1: no batch axis, every tensor's leading dim is 1)
+    max_batch: int = 1
 
     @property
     def full(self) -> bool:
         return self.graph == GRAPH_FULL
+
+    @property
+    def batched(self) -> bool:
+        """The graph has a batch axis: `Engine.run_batch` runs up to `max_batch` forwards in one call."""
+        return self.max_batch > 1 and not self.full
+
+    def batch_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the square graph's tensors for a call on `b` items (b <= max_batch)."""
+        return {name: (b, *shape[1:]) for name, shape in self.shapes().items()}
 
     @property
     def disk_rows_shape(self) -> tuple[int, int, int, int, int]:
@@ -188,6 +207,9 @@ class Contract:
         if contract.graph not in GRAPHS:
             raise ContractError(f"{source}: unknown graph kind {contract.graph!r} (this runtime knows {GRAPHS}); "
                                 "upgrade cfr-icl or re-export the model")
+        if contract.full and contract.max_batch != 1:
+            raise ContractError(f"{source}: a full-resolution graph has no batch axis (max_batch "
+                                f"{contract.max_batch}); the file is corrupt or was not written by cfr-export")
         return contract
 
 
@@ -197,6 +219,7 @@ MAX_INPUT_SIZE = 4096
 MAX_POINTS_LIMIT = 4096
 MAX_IMAGE_SIDE = 1 << 16  # full graph: image sides a file may declare
 MAX_DISK_RADIUS = 64  # the official models use 5; the host writes 2 * radius + 2 rows per click
+MAX_BATCH_LIMIT = 1024  # forwards per call a file may declare (an engine allocates max_batch input sets)
 
 
 def _is_int(v: object) -> bool:
@@ -226,6 +249,7 @@ def validate_metadata(data: dict, source: str = "model") -> None:
         "checkpoint_sha256": (lambda v: isinstance(v, str), "a string"),
         "package_version": (lambda v: isinstance(v, str), "a string"),
         "graph": (lambda v: isinstance(v, str), "a graph kind name"),
+        "max_batch": (lambda v: _is_int(v) and 1 <= v <= MAX_BATCH_LIMIT, f"an integer in [1, {MAX_BATCH_LIMIT}]"),
         **{key: (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(d) and 1 <= d <= MAX_IMAGE_SIDE
                                                                                  for d in v),
                  f"[H, W] with integer sides in [1, {MAX_IMAGE_SIDE}]")
@@ -254,6 +278,9 @@ def check_io(contract: Contract, inputs: dict[str, tuple], outputs: dict[str, tu
                 raise ContractError(
                     f"{source}: {kind} '{name}' has shape {shape}, the contract says {want[name]}"
                 )
+            if contract.batched and isinstance(shape[0], int):
+                raise ContractError(f"{source}: {kind} '{name}' has a fixed leading dim {shape[0]}, but the "
+                                    f"contract says it takes batches of up to {contract.max_batch}; re-export it")
 
 
 # ---- external data: a graph past the 2 GB protobuf limit keeps its weights in one file beside it ---------

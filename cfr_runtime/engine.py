@@ -9,7 +9,7 @@ keep the image and the probability maps in the backend's memory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +59,8 @@ class Engine:
         else:
             raise ContractError(f"unknown backend {backend!r}; choose one of 'auto', 'ort', 'trt'")
         self._init(impl.contract, impl.new_runner, backend, impl.describe())
+        if impl.contract.batched:
+            self._run_batch = getattr(impl, "run_batch", None)  # backends without it run one call per runner
 
     @classmethod
     def from_runner_factory(cls, contract: Contract, new_runner: Callable[[], Runner], name: str,
@@ -73,6 +75,7 @@ class Engine:
         self.backend = name
         self.description = description
         self._new_runner = new_runner
+        self._run_batch: Callable[[Sequence[Runner]], list[np.ndarray]] | None = None
         self._lock = threading.Lock()
         self._free: list[Runner] = []
 
@@ -94,7 +97,30 @@ class Engine:
         with self._lock:
             self._free.append(runner)
 
+    @property
+    def max_batch(self) -> int:
+        """Forwards one engine call runs (`run_batch`): the graph's batch axis where this backend runs it, else 1."""
+        return self.contract.max_batch if self._run_batch is not None else 1
+
+    def run_batch(self, runners: Sequence[Runner]) -> list[np.ndarray]:
+        """The forwards of several runners (each bound to one Session's buffers, filled as for `run()`), in as
+        few engine calls as the graph allows: `max_batch` runners per call on a graph with a batch axis, else
+        one call per runner. Returns what each runner's `run()` returns (its probs buffer, now holding this
+        forward's probabilities), in order.
+
+        Item i's probabilities are the ones `runners[i].run()` gives on the same engine: every operator of the
+        graph works per item (flip averaging included), and ONNX Runtime's CPU kernels give them bit for bit
+        (tests/test_batch_axis.py). Callers serialise calls on one engine (a replica's batcher runs one batch
+        at a time); the runners must not be running on their own meanwhile.
+        """
+        runners = list(runners)
+        if self._run_batch is None:
+            return [runner.run() for runner in runners]
+        n = self.contract.max_batch
+        return [probs for k in range(0, len(runners), n) for probs in self._run_batch(runners[k:k + n])]
+
     def __repr__(self) -> str:
         c = self.contract
         return (f"Engine(backend={self.backend!r}, {self.description}, size={c.input_size}, "
-                f"max_points={c.max_points}, flip={c.flip}, precision={c.precision})")
+                f"max_points={c.max_points}, flip={c.flip}, precision={c.precision}"
+                f"{f', max_batch={self.max_batch}' if self.max_batch > 1 else ''})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from cfr_runtime.cli_options import checkpoint_argument, command, option, out_option, overwrite_option, refuse_existing
-from cfr_runtime.contract import MAX_INPUT_SIZE, MAX_POINTS_LIMIT
+from cfr_runtime.contract import MAX_BATCH_LIMIT, MAX_INPUT_SIZE, MAX_POINTS_LIMIT
 from cfr_runtime.errors import CfrError
 from cfr_runtime.fileio import commit, remove_new_dirs_on_error, staged_file
 
@@ -100,17 +100,22 @@ def _export_aoti(checkpoint: Path, out_dir: Path, contract, graph, fp16: bool, d
         help="full graph: largest image accepted (default 8192x8192); TensorRT's profile maximum.")
 @option("--opt-image", type=str, default=None, metavar="HxW",
         help="full graph: the image size TensorRT tunes for (default 1024x1024).")
+@option("--max-batch", type=click.IntRange(1, MAX_BATCH_LIMIT), default=1, show_default=True, metavar="N",
+        help="square graph: a batch axis, so one call runs the forwards of up to N sessions (cfr-serve --ray "
+             "--batch-size); 1: none (batch-1 graph).")
 def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: bool, size: int | None,
          max_points: int, flip: bool, fp16: bool, int8: bool, verify_seed: int | None, graph: str,
-         max_image: str | None, opt_image: str | None) -> None:
+         max_image: str | None, opt_image: str | None, max_batch: int) -> None:
     """Export CHECKPOINT (official SimpleClick/CFR-ICL or cfr-train) to the runtime's ONNX contract."""
     limits = dict(graph=graph, max_image=_hw(max_image, "--max-image"), opt_image=_hw(opt_image, "--opt-image"))
+    _check_batch(max_batch, graph, engine, int8)
     if not overwrite:
         refuse_existing(_targets(out_dir, graph, fp16, int8, engine),
                         "pass --overwrite to replace it (a rejected export still keeps it), or choose another -o")
     try:
         with remove_new_dirs_on_error(out_dir):  # a failed first export leaves no empty folder behind
-            _export(checkpoint, engine, device, out_dir, size, max_points, flip, fp16, int8, verify_seed, limits)
+            _export(checkpoint, engine, device, out_dir, size, max_points, flip, fp16, int8, verify_seed, limits,
+                    max_batch)
     except CfrError as exc:
         click.echo(f"cfr-export: error: {exc}", err=True)
         sys.exit(2)
@@ -120,7 +125,7 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: b
 
 
 def _export(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | None, max_points: int,
-            flip: bool, fp16: bool, int8: bool, verify_seed: int | None, limits: dict) -> None:
+            flip: bool, fp16: bool, int8: bool, verify_seed: int | None, limits: dict, max_batch: int = 1) -> None:
     """Every artifact in turn, each verified against the fp32 torch graph before it takes its real name."""
     aoti_device = _preflight(engine, device)
     from .verify import TorchReferences, export_verified, fresh_seed
@@ -128,7 +133,8 @@ def _export(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int
     # one set of fresh inputs for every artifact of this run, so torch computes its reference outputs once
     seed, refs = (fresh_seed() if verify_seed is None else verify_seed), TorchReferences()
     fp32_path, contract, torch_graph, report = export_verified(checkpoint, out_dir, size, max_points, flip,
-                                                               seed=seed, references=refs, **limits)
+                                                               seed=seed, references=refs, max_batch=max_batch,
+                                                               **limits)
     native = contract.arch.get("backbone_params", {}).get("img_size", [contract.input_size])[0]
     if native != contract.input_size:
         click.echo(f"note: the checkpoint was trained at {native} px; exported at --size "
@@ -138,7 +144,8 @@ def _export(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int
     onnx_path = fp32_path
     if fp16:
         fp16_export = export_verified(checkpoint, out_dir, contract.input_size, max_points, flip, fp16=True,
-                                      seed=seed, base=(contract, torch_graph), references=refs, **limits)
+                                      seed=seed, base=(contract, torch_graph), references=refs,
+                                      max_batch=max_batch, **limits)
         onnx_path, report16 = fp16_export[0], fp16_export[3]
         del fp16_export  # it holds the torch graph too, which the int8 step frees
         click.echo(f"wrote {_with_data(onnx_path)}\n  fp16: {report16}")
@@ -170,6 +177,23 @@ def _with_data(path: Path) -> str:
 
     record = data_file(path)
     return f"{path} (+ {record.name}, {record.size / 1e9:.2f} GB)" if record else str(path)
+
+
+def _check_batch(max_batch: int, graph: str, engine: str, int8: bool) -> None:
+    """Refuse up front the exports a batch axis does not fit."""
+    if max_batch == 1:
+        return
+    if graph != "square":
+        raise click.BadParameter("a batch axis is for the square graph (--graph square); the full graph runs one "
+                                 "image at its own size per call", param_hint="--max-batch")
+    if engine == "trt":
+        raise click.BadParameter("TensorRT plans are built for batch 1 here (fixed-shape profile); export the plan "
+                                 "without --max-batch, or serve the batch-axis ONNX graph on ONNX Runtime's CUDA "
+                                 "provider", param_hint="--max-batch")
+    if int8:
+        raise click.BadParameter("--int8 quantizes activations with scales computed over each call's whole input, "
+                                 "so a click's result would depend on the other sessions in its batch; export the "
+                                 "int8 graph without --max-batch", param_hint="--max-batch")
 
 
 def _targets(out_dir: Path, graph: str, fp16: bool, int8: bool, engine: str) -> list[Path]:

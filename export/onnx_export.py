@@ -17,6 +17,7 @@ import torch
 
 import cfr_runtime
 from cfr_runtime.contract import (
+    DIM_BATCH,
     DIM_H,
     DIM_W,
     FULL_DISK_ROWS,
@@ -136,6 +137,11 @@ def full_verification_cases(contract: Contract, seed: int = 0) -> list[dict[str,
     ]
 
 
+def stack_batch(cases: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Square-graph inputs of several items as one batch (item i of each input is case i's)."""
+    return {name: np.concatenate([case[name] for case in cases]) for name in INPUT_NAMES}
+
+
 def torch_reference(graph: ContractGraph | FullGraph, inputs: dict[str, np.ndarray]):
     """The torch graph on numpy inputs: probs (square) or the tuple of full-graph outputs."""
     with torch.no_grad():
@@ -172,18 +178,25 @@ def build_graph(model, contract: Contract) -> ContractGraph | FullGraph:
 
 
 def dynamic_axes(contract: Contract) -> dict[str, dict[int, str]] | None:
-    """ONNX dynamic axes of the full graph (every H / W dim); None for the square graph (static)."""
+    """ONNX dynamic axes of the full graph (every H / W dim); for the square graph the leading (batch) dim of
+    every tensor when it has a batch axis (`max_batch` > 1), else None (static)."""
     if not contract.full:
-        return None
+        if not contract.batched:
+            return None
+        return {name: {0: DIM_BATCH} for name in (*contract.input_names(), *contract.output_names())}
     return {name: {i: d for i, d in enumerate(shape) if d in (DIM_H, DIM_W)}
             for name, (shape, _) in contract.io().items() if DIM_H in shape or DIM_W in shape}
 
 
 def _load(checkpoint: str | Path, size: int | None, max_points: int, flip: bool, graph: str,
-          max_image: tuple[int, int] | None, opt_image: tuple[int, int] | None):
-    """The fp32 model of a checkpoint and the contract of its export (square or full graph)."""
+          max_image: tuple[int, int] | None, opt_image: tuple[int, int] | None, max_batch: int = 1):
+    """The fp32 model of a checkpoint and the contract of its export (square or full graph; a batch axis when
+    max_batch > 1)."""
     if graph not in (GRAPH_SQUARE, GRAPH_FULL):
         raise ExportError(f"unknown graph {graph!r}; choose 'square' or 'full'")
+    if max_batch != 1 and graph != GRAPH_SQUARE:
+        raise ExportError("a batch axis (--max-batch) is for the square graph; the full graph runs one image "
+                          "at its own size per call")
     model, info = load_model(checkpoint, input_size=size)
     check_finite_weights(model, checkpoint)
     size = model.backbone.patch_embed.img_size[0]
@@ -193,7 +206,7 @@ def _load(checkpoint: str | Path, size: int | None, max_points: int, flip: bool,
                   if val is not None}
     contract = Contract(input_size=size, max_points=max_points, flip=flip, arch=dict(
         name=info["arch"], **info["params"]), checkpoint_sha256=info["sha256"],
-        package_version=cfr_runtime.__version__, graph=graph, **limits)
+        package_version=cfr_runtime.__version__, graph=graph, max_batch=max_batch, **limits)
     return model, contract
 
 
@@ -207,6 +220,8 @@ def trace_graph(module: torch.nn.Module, contract: Contract, path: Path) -> None
     names_in, names_out = contract.input_names(), contract.output_names()
     s = contract.input_size
     dummy = full_example_inputs(contract, s + 13, s + 29) if contract.full else example_inputs(contract)
+    if contract.batched:  # traced on two items, so no size-1 leading dim can be folded into a constant
+        dummy = stack_batch([dummy, example_inputs(contract, seed=1)])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(torch.from_numpy(dummy[k]) for k in names_in), str(path),
@@ -219,7 +234,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
                 flip: bool = True, fp16: bool = False, graph: str = GRAPH_SQUARE,
                 max_image: tuple[int, int] | None = None, opt_image: tuple[int, int] | None = None,
                 check: Callable[[Path, Contract, ContractGraph | FullGraph], object] | None = None,
-                base: tuple[Contract, ContractGraph | FullGraph] | None = None,
+                base: tuple[Contract, ContractGraph | FullGraph] | None = None, max_batch: int = 1,
                 ) -> tuple[Path, Contract, ContractGraph | FullGraph]:
     """Write `model.onnx` (`model_fp16.onnx`; `model_full*.onnx` for graph="full") into out_dir, with its data
     file `<name>.data` beside it when the weights pass the protobuf limit (export/graph_file.py); return its
@@ -233,6 +248,10 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
 
     base: the (contract, fp32 torch graph) of the same checkpoint's fp32 export; the fp16 export then halves a
     copy of that model instead of loading the checkpoint twice more (ViT-H: 2.6 GB per copy).
+
+    max_batch > 1 (square graph only) gives the graph a batch axis (cfr_runtime.contract): an option, not the
+    default, because a batch-1 graph is what one annotator needs, keeps every consumer static (TensorRT plans
+    are built for batch 1), and only a server batching the forwards of many sessions gains from it.
     """
     out_dir = Path(out_dir)
     with remove_new_dirs_on_error(out_dir):
@@ -241,7 +260,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
             contract, torch_graph = base
             export_graph = build_graph(copy.deepcopy(_model_of(torch_graph)).half_precision(), contract)
         else:
-            model, contract = _load(checkpoint, size, max_points, flip, graph, max_image, opt_image)
+            model, contract = _load(checkpoint, size, max_points, flip, graph, max_image, opt_image, max_batch)
             torch_graph = export_graph = build_graph(model, contract)
             if fp16:
                 # Built in torch rather than by an ONNX rewriting pass: the model itself keeps LayerNorm,
@@ -257,8 +276,11 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
             trace_graph(export_graph, contract, trace_dir / "trace.onnx")
             del export_graph  # the fp16 copy is not needed past the trace
             log.info("%s: writing", final.name)
-            record = save_graph(onnx.load(str(trace_dir / "trace.onnx"), load_external_data=False), staged, contract,
-                                trace_dir)
+            proto = onnx.load(str(trace_dir / "trace.onnx"), load_external_data=False)
+            if contract.batched:
+                _static_item_dims(proto, contract)
+            record = save_graph(proto, staged, contract, trace_dir)
+            del proto
             shutil.rmtree(trace_dir)  # torch's loose weight files: 2.6 GB of disk for ViT-H
             log.info("%s: written%s", final.name, f" with {record.name} ({record.size} bytes)" if record else "")
             if check is not None:
@@ -266,6 +288,16 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, size: int | None = 
             commit_graph(staged, final)
             log.info("%s: committed", final.name)
     return final, contract, torch_graph
+
+
+def _static_item_dims(proto: onnx.ModelProto, contract: Contract) -> None:
+    """With a batch axis the tracer leaves the output's other dims symbolic too; write them as the contract says,
+    so every tensor reads (B, ...) with only B free."""
+    shapes = contract.shapes()
+    for value in (*proto.graph.input, *proto.graph.output):
+        if value.name in shapes:
+            for dim, size in zip(list(value.type.tensor_type.shape.dim)[1:], shapes[value.name][1:]):
+                dim.dim_value = size
 
 
 def model_file_name(contract: Contract) -> str:

@@ -16,7 +16,7 @@ from trainer.models.full_graph import FullGraph
 from trainer.models.graph import ContractGraph
 
 from .graph_file import commit_graph
-from .onnx_export import ExportError, full_verification_cases, torch_reference, verification_cases
+from .onnx_export import ExportError, full_verification_cases, stack_batch, torch_reference, verification_cases
 
 # probabilities in [0, 1]; fp32 differs by reduction order only, fp16 by half-precision rounding, int8
 # (export/quantize.py: int8 weights, activations quantized at run time) by 8-bit rounding of every MatMul
@@ -30,11 +30,16 @@ class VerifyReport:
     mask_disagreement: float  # fraction of pixels whose (p > threshold) differs
     cases: int
     tolerance: float
+    # graphs with a batch axis: max |one call on every case - one call per case| (0.0: bit for bit)
+    batch_diff: float | None = None
 
     def __str__(self) -> str:
-        return (f"max |onnx - torch| = {self.max_abs_diff:.3g} over {self.cases} cases "
+        text = (f"max |onnx - torch| = {self.max_abs_diff:.3g} over {self.cases} cases "
                 f"(tolerance {self.tolerance:g}); mask agreement {100 * (1 - self.mask_disagreement):.4f}% "
                 f"(worst case; disagreement {100 * self.mask_disagreement:.4f}%)")
+        if self.batch_diff is not None:
+            text += f"; batched vs one by one: max diff {self.batch_diff:.3g}"
+        return text
 
 
 def _check_full_outputs(path, got: list[np.ndarray], inputs: dict[str, np.ndarray], contract: Contract) -> None:
@@ -103,6 +108,7 @@ def verify_onnx(path: str | Path, graph: ContractGraph | FullGraph | None, contr
             raise ExportError(f"{path}: exported full graph does not match torch: {report}")
         return report
     worst, disagree, cases = 0.0, 0.0, verification_cases(contract, seed)
+    singles = []
     for i, inputs in enumerate(cases):
         want = reference(graph, contract, seed, i, inputs)
         check_output_range(want, f"{path}: the torch model")
@@ -110,7 +116,17 @@ def verify_onnx(path: str | Path, graph: ContractGraph | FullGraph | None, contr
         check_output_range(got, f"{path}: the exported graph")
         worst = worst_diff(worst, got, want)
         disagree = max(disagree, float(((got > contract.threshold) != (want > contract.threshold)).mean()))
-    report = VerifyReport(worst, disagree, len(cases), tol)
+        singles.append((got, want))
+    batch_diff = None
+    if contract.batched:  # the cases again, as one call (as a server batching sessions runs them)
+        n = min(len(cases), contract.max_batch)
+        got = sess.run([OUTPUT_PROBS], stack_batch(cases[:n]))[0]
+        check_output_range(got, f"{path}: the exported graph (batched)")
+        batch_diff = 0.0
+        for i, (single, want) in enumerate(singles[:n]):
+            worst = worst_diff(worst, got[i:i + 1], want)
+            batch_diff = worst_diff(batch_diff, got[i:i + 1], single)
+    report = VerifyReport(worst, disagree, len(cases), tol, batch_diff)
     if not worst <= tol:  # also catches NaN
         raise ExportError(f"{path}: exported graph does not match torch: {report}")
     return report
@@ -150,7 +166,8 @@ def export_verified(checkpoint: str | Path, out_dir: str | Path, size: int | Non
 
     A rejected graph is deleted with its staging folder and an existing model is left untouched. `base` is the
     (contract, fp32 graph) of the fp32 export: the fp16 export is made from that model and checked against it;
-    `graph_options` (graph, max_image, opt_image) choose the square or full-resolution contract."""
+    `graph_options` (graph, max_image, opt_image, max_batch) choose the square or full-resolution contract and
+    its batch axis."""
     from .onnx_export import export_onnx, model_file_name
 
     reports: list[VerifyReport] = []

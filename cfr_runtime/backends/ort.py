@@ -16,7 +16,9 @@ from ..contract import (
     FULL_OUT_PROBS,
     FULL_PREV,
     INPUT_DISK_ROWS,
+    INPUT_IMAGE,
     INPUT_NAMES,
+    INPUT_PREV_MASK,
     META_KEY,
     OUTPUT_PROBS,
     Contract,
@@ -241,6 +243,67 @@ class OrtFullRunner(FullRunner):
         return self._bufs.read(FULL_OUT_NET)
 
 
+class OrtBatch:
+    """Forwards of several `OrtRunner`s as one call of a graph with a batch axis (`contract.batched`).
+
+    The runners' inputs are copied into one set of stacked buffers (`max_batch` items, allocated on first use)
+    and the call binds their first b items: on the CPU provider numpy views bound in place (one IO binding per
+    batch size b, no allocation per call); on CUDA/TensorRT providers device tensors of each batch size used,
+    each with its own CUDA graph id when the session captures graphs (a graph replays fixed shapes). Each
+    runner's probs buffer receives its item, so a Session reads it exactly as after `runner.run()`."""
+
+    def __init__(self, model: OrtModel):
+        self._model = model
+        self._lock = threading.Lock()  # one stacked buffer set: one batch at a time
+        self._host: dict[str, np.ndarray] | None = None
+        self._calls: dict[int, tuple] = {}  # b -> (binding, run options, device buffers or None)
+
+    def _binding(self, b: int) -> tuple:
+        import onnxruntime as ort
+
+        m = self._model
+        if self._host is None:
+            shapes = m.contract.batch_shapes(m.contract.max_batch)
+            self._host = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        if b not in self._calls:
+            binding, options, dev = m.session.io_binding(), None, None
+            if m.device == "cpu":
+                for name, arr in self._host.items():
+                    view = arr[:b]
+                    args = (name, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
+                    (binding.bind_output if name == OUTPUT_PROBS else binding.bind_input)(*args)
+            else:
+                dev = NamedBuffers({n: (s, np.float32) for n, s in m.contract.batch_shapes(b).items()}, m.device)
+                for name in INPUT_NAMES:
+                    dev.bind(binding, name)
+                dev.bind(binding, OUTPUT_PROBS, output=True)
+                if m.cuda_graph:
+                    options = ort.RunOptions()
+                    options.add_run_config_entry("gpu_graph_id", str(m.take_graph_id()))
+            self._calls[b] = (binding, options, dev)
+        return self._calls[b]
+
+    def run(self, runners: list[OrtRunner]) -> list[np.ndarray]:
+        b = len(runners)
+        if not 1 <= b <= self._model.contract.max_batch:
+            raise ContractError(f"a batch of {b} forwards; this graph takes 1 to {self._model.contract.max_batch}")
+        with self._lock:
+            binding, options, dev = self._binding(b)
+            host = self._host
+            for i, runner in enumerate(runners):
+                host[INPUT_IMAGE][i] = runner.image[0]
+                host[INPUT_PREV_MASK][i] = runner.prev_mask[0]
+                host[INPUT_DISK_ROWS][i] = runner.disk_rows[0]
+            if dev is not None:
+                for name in INPUT_NAMES:
+                    dev.write(name, host[name][:b])
+            self._model.run_binding(binding, options)
+            out = host[OUTPUT_PROBS] if dev is None else dev.read(OUTPUT_PROBS)
+            for i, runner in enumerate(runners):
+                runner._probs[0] = out[i]
+            return [runner._probs for runner in runners]
+
+
 class OrtModel:
     def __init__(self, path: Path, providers: list | None = None, threads: int | None = None,
                  cuda_graph: bool = True):
@@ -277,7 +340,9 @@ class OrtModel:
         self.cuda_graph = self.device == "cuda" and (options.get("enable_cuda_graph") == "1"
                                                      or options.get("trt_cuda_graph_enable") == "1")
         self._next_graph_id = 0
+        self._id_lock = threading.Lock()
         self._run_lock = threading.Lock() if self.cuda_graph else None
+        self._batch = OrtBatch(self) if self.contract.batched else None
 
     def describe(self) -> str:
         text = "onnxruntime " + "+".join(p.replace("ExecutionProvider", "") for p in self.providers)
@@ -286,11 +351,27 @@ class OrtModel:
             text += f": refused, {self.graph_refused})" if self.graph_refused else ("" if self.cuda_graph else ")")
         return text
 
+    def take_graph_id(self) -> int:
+        """A CUDA graph id no other runner or batch size uses."""
+        with self._id_lock:
+            graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1
+        return graph_id
+
+    def run_binding(self, binding, options) -> None:
+        if self._run_lock is None:
+            self.session.run_with_iobinding(binding, options)
+        else:  # graph capture and replay on one ORT session are not safe from several threads at once
+            with self._run_lock:
+                self.session.run_with_iobinding(binding, options)
+
+    def run_batch(self, runners: list[OrtRunner]) -> list[np.ndarray]:
+        """Several runners' forwards as one call (graphs with a batch axis; `Engine.run_batch` splits larger
+        batches)."""
+        return self._batch.run(runners)
+
     def new_runner(self) -> OrtRunner | OrtFullRunner:
-        """Called under the Engine's lock, so graph ids are unique per runner."""
+        """Called under the Engine's lock."""
         if self.contract.full:
             return OrtFullRunner(self.session, self.contract, self.device, self.cuda_graph)
-        graph_id = None
-        if self.cuda_graph:
-            graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1
+        graph_id = self.take_graph_id() if self.cuda_graph else None
         return OrtRunner(self.session, self.contract, self.device, graph_id, self._run_lock)

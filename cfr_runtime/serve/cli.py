@@ -25,6 +25,7 @@ from ..cli_options import (
     option,
     threads_option,
 )
+from .cluster.options import check_without_ray, cluster_options, ray_options
 
 PROG = "cfr-serve"
 
@@ -155,14 +156,18 @@ def _client_header(identity: str, header: str | None) -> str:
 @option("--max-concurrent", type=POSITIVE_INT, default=2, show_default=True,
         help="Forwards run at once; further clicks queue (about the number of cores).")
 @limit_options
+# ---- cfr-serve --ray ADDRESS (issue 18): the same app on a Ray Serve cluster; options in cluster/options.py ----
+@ray_options()
+# ---- end of the --ray options --------------------------------------------------------------------------------
 @log_level_option()
 def main(model: Path | None, host: str, port: int, backend: str, threads: int | None, idle_timeout: float,
          max_sessions: int, max_memory_mb: float, max_upload_mb: float, max_pixels: int, max_concurrent: int,
          allowed_hosts: tuple[str, ...], client_identity: str, client_header: str | None, client_max_inflight: int,
-         queue_timeout: float, client_max_sessions: int, max_side: int, log_level: str) -> None:
+         queue_timeout: float, client_max_sessions: int, max_side: int, log_level: str, **cluster) -> None:
     """Serve MODEL (an ONNX file or TensorRT plan from cfr-export; default: the bundled tiny model) over HTTP.
 
-    Open http://HOST:PORT/ for the annotation page; the API is described at /docs.
+    Open http://HOST:PORT/ for the annotation page; the API is described at /docs. With --ray ADDRESS the same
+    service runs on a Ray cluster (docs/ray.md).
     """
     try:
         import uvicorn
@@ -176,7 +181,6 @@ def main(model: Path | None, host: str, port: int, backend: str, threads: int | 
     except ImportError as exc:
         fail(PROG, f"{exc.name} is missing; install the extra: pip install 'cfr-icl[serve]'")
     header = _client_header(client_identity, client_header)  # usage errors before the model loads
-    engine = Engine(model or default_model(), backend=backend, threads=threads)  # a CfrError exits 2
     config = ServeConfig(
         store=StoreLimits(idle_timeout_s=idle_timeout, max_sessions=max_sessions, max_memory_mb=max_memory_mb,
                           client_max_sessions=client_max_sessions),
@@ -184,6 +188,18 @@ def main(model: Path | None, host: str, port: int, backend: str, threads: int | 
         sweep_interval_s=max(0.2, min(5.0, idle_timeout / 4)), max_concurrent=max_concurrent,
         allowed_hosts=_allowed_hosts(host, allowed_hosts, LOOPBACK_HOSTS), client_identity=client_identity,
         client_header=header, client_max_inflight=client_max_inflight, queue_timeout_s=queue_timeout)
+    # ---- --ray (issue 18): deploy on the cluster and serve until Ctrl-C; the replicas load the model and each
+    # runs this same config (Host guard, gate, per-client limits), the record store keeps the caps cluster-wide --
+    if cluster["ray"] is None:
+        check_without_ray(click.get_current_context())
+    else:
+        from .cluster import serve_on_ray
+
+        options = cluster_options(model, threads=threads, backend=backend, **cluster)
+        serve_on_ray(cluster["ray"], model, config, options, host=host, port=port)
+        return
+    # ---- end of the --ray block ------------------------------------------------------------------------------
+    engine = Engine(model or default_model(), backend=backend, threads=threads)  # a CfrError exits 2
     app = create_app(engine, config)
     sock = listen(host, port)
     shown = f"[{host}]" if ":" in host else host

@@ -5,7 +5,9 @@ The Engine is shared; every `Session` owns its Runner (buffers bound once), so s
 and only the clicks of one session are serialised, by that session's lock.
 
 Stateless protocols (CVAT, Label Studio, a Ray replica) go through one primitive, `SessionStore.replay`: the
-request's click list is the truth and a cached session is only a way to get its answer sooner.
+request's click list is the truth and a cached session is only a way to get its answer sooner. Its core,
+`advance`, brings any session to a click list (each click under its own mode, where the list says one); a Ray
+replica rebuilding a session from its record uses it directly (`cluster.replica.ClusterStore.rebuild`).
 
 Memory: every session is accounted at `memory.resident_bytes` (what it really holds, not just
 `Session.nbytes`), and a new one is reserved at `memory.creation_bytes` from the image header before a pixel
@@ -85,6 +87,48 @@ class ImageSource(Protocol):
     def __call__(self) -> np.ndarray: ...
 
 
+Step = tuple[Click, str]  # a click and the mode it ran with
+
+
+class RecordedSession(Session):
+    """A Session that remembers the mode each click ran with. A mode change applies to later clicks only
+    (CFR-3 on the first click runs 4 forwards, StdInfer one), so a click list without modes cannot rebuild a
+    session whose mode changed between clicks; with them `advance` can, and can reuse any cached session
+    exactly. Every session of the store is one."""
+
+    def __init__(self, *args, **kwargs):
+        self.click_modes: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    @property
+    def mode(self) -> str:
+        return format_mode(self.cfr, self.adaptive)
+
+    @property
+    def steps(self) -> list[Step]:
+        """The clicks in order, each with the mode it ran with."""
+        return list(zip(self.clicks, self.click_modes))
+
+    def add_click(self, x: float, y: float, positive: bool = True) -> np.ndarray:
+        mask = super().add_click(x, y, positive)
+        self.click_modes.append(self.mode)
+        return mask
+
+    def undo(self) -> np.ndarray:
+        mask = super().undo()
+        self.click_modes.pop()
+        return mask
+
+    def reset(self) -> None:
+        super().reset()
+        self.click_modes.clear()
+
+
+def steps_of(session: Session, mode: str) -> list[Step]:
+    """A session's clicks with their modes (`mode` for each, for a Session that does not record them)."""
+    return session.steps if isinstance(session, RecordedSession) else [(c, mode) for c in session.clicks]
+
+
 @dataclass
 class Entry:
     """One annotation session: the runtime Session plus what the service needs around it."""
@@ -161,7 +205,35 @@ def as_click(c: Click | Sequence) -> Click:
     return Click(x, y, positive)
 
 
-def common_prefix(have: Sequence[Click], wanted: Sequence[Click]) -> int:
+def as_step(c: Click | Sequence, mode: str) -> Step:
+    """(Click, mode) from a Click or (x, y, positive) (run under `mode`) or (x, y, positive, mode)."""
+    if not isinstance(c, Click) and isinstance(c, Sequence) and len(c) == 4:
+        return as_click(c[:3]), format_mode(*parse_mode(c[3]))
+    return as_click(c), mode
+
+
+def advance(session: Session, wanted: Sequence[Step], mode: str) -> tuple[int, int]:
+    """Bring `session` to the state of a fresh Session fed `wanted` in order, each click under its own mode, and
+    leave it in `mode` (for the clicks to come). Reuse is exact or not at all: the session keeps its longest
+    common ordered prefix with `wanted` (click and mode alike), is undone past it, then the rest is added.
+    Returns (clicks kept, forwards run). A click the Session refuses raises InputError and leaves it holding a
+    prefix of `wanted`, in `mode`."""
+    have = steps_of(session, format_mode(session.cfr, session.adaptive))
+    kept = common_prefix(have, wanted)
+    for _ in range(len(have) - kept):
+        session.undo()
+    forwards = 0
+    try:
+        for click, click_mode in wanted[kept:]:
+            session.cfr, session.adaptive = parse_mode(click_mode)
+            session.add_click(click.x, click.y, click.positive)
+            forwards += session.forwards[-1]
+    finally:
+        session.cfr, session.adaptive = parse_mode(mode)
+    return kept, forwards
+
+
+def common_prefix(have: Sequence, wanted: Sequence) -> int:
     """Length of the longest common ordered prefix: position by position, so a point repeated twice counts
     twice (a multiset or membership test would let [A] stand in for [A, A], or [B, A] for [A, B])."""
     n = 0
@@ -227,19 +299,24 @@ class SessionStore:
     touched = account  # the name the HTTP endpoints used before reservations
 
     # ---- lifecycle -------------------------------------------------------------------------------
+    def new_id(self) -> str:
+        """An unguessable session id (a cluster replica prefixes its own tag)."""
+        return secrets.token_urlsafe(24)
+
     def create(self, rgb: np.ndarray, mode: str = "StdInfer", key: str | None = None, locked: bool = False,
-               client: str = ANONYMOUS, reservation: Reservation | None = None) -> Entry:
+               client: str = ANONYMOUS, reservation: Reservation | None = None, sid: str | None = None) -> Entry:
         """A new session on `rgb` for `client`. `key` files it under an adapter key; `locked` hands it out
         with its lock held (the caller releases it), so no other request can touch it before the caller's
         first use. Without a `reservation` one is made here (after the decode: callers that decode should
-        reserve first, from the header)."""
+        reserve first, from the header). `sid`: the id to file it under instead of a new one (a cluster
+        replica rebuilding a session that another replica created; the caller makes sure it is free)."""
         cfr, adaptive = parse_mode(mode)
         if reservation is None:
             reservation = self.reserve(rgb.shape[1], rgb.shape[0], client)
         with reservation:
-            session = Session(self.engine, cfr=cfr, adaptive=adaptive)
+            session = RecordedSession(self.engine, cfr=cfr, adaptive=adaptive)
             session.set_image(rgb)
-            entry = Entry(secrets.token_urlsafe(24), session, self.clock(), resident_bytes(session), key=key,
+            entry = Entry(sid or self.new_id(), session, self.clock(), resident_bytes(session), key=key,
                           client=client)
             if locked:
                 entry.lock.acquire()
@@ -284,7 +361,9 @@ class SessionStore:
           the result of the first click. image: called only when no cached session can be used, returns the
           H x W x 3 uint8 RGB image; when it also has `header()` (an `ImageSource`, e.g.
           `codec.EncodedImage`), the memory is reserved from the header before the decode. clicks: Click or
-          (x, y, positive), in the order they are to be applied. client: who the new session is accounted to.
+          (x, y, positive), in the order they are to be applied, each run under `mode`; or (x, y, positive,
+          click_mode) for a click that ran under another mode (a session whose mode changed between clicks;
+          `mode` is then the mode it is left in). client: who the new session is accounted to.
           size: (width, height) of the image the clicks were placed on, when the protocol says (Label Studio's
           coordinates are percentages of the image it showed): a session on an image of another size is refused
           (InputError 400) before any click is applied, since those pixels would name other points.
@@ -300,9 +379,9 @@ class SessionStore:
         waits for the busiest-matching one. A click refused by the Session (outside the image, too many)
         raises InputError and leaves that session holding a prefix of `clicks`, still a valid cache.
         """
-        wanted = [as_click(c) for c in clicks]
         cfr, adaptive = parse_mode(mode)
         mode = format_mode(cfr, adaptive)
+        wanted = [as_step(c, mode) for c in clicks]
         key = f"{key}|{mode}"
         entry, created = self._checkout(key, image, mode, wanted, client)
         try:
@@ -310,27 +389,19 @@ class SessionStore:
                 w, h = entry.size
                 raise http_error(InputError, 400, f"the clicks were placed on a {size[0]}x{size[1]} image, but the "
                                                   f"image is {w}x{h}")
-            session = entry.session
-            have = session.clicks
-            kept = common_prefix(have, wanted)
-            for _ in range(len(have) - kept):
-                session.undo()
-            forwards = 0
-            for c in wanted[kept:]:
-                session.add_click(c.x, c.y, c.positive)
-                forwards += session.forwards[-1]
+            kept, forwards = advance(entry.session, wanted, mode)
             yield Replayed(entry, kept, forwards, created)
         finally:
             entry.lock.release()
             self.account(entry)
 
-    def _checkout(self, key: str, image, mode: str, wanted: list[Click], client: str) -> tuple[Entry, bool]:
+    def _checkout(self, key: str, image, mode: str, wanted: list[Step], client: str) -> tuple[Entry, bool]:
         """An entry of `key` with its lock held: the idle one with the longest common prefix, else a new one
         (fewer than max_per_key cached or being opened), else wait for the one with the longest common prefix."""
         while True:
             with self._lock:
                 pool = [self._entries[sid] for sid in self._keys.get(key, ()) if sid in self._entries]
-                pool.sort(key=lambda e: common_prefix(e.session.clicks, wanted), reverse=True)
+                pool.sort(key=lambda e: common_prefix(steps_of(e.session, mode), wanted), reverse=True)
                 for entry in pool:
                     if entry.lock.acquire(blocking=False):
                         self._use(entry)
