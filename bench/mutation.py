@@ -60,9 +60,25 @@ def prepare(name: str, spec: dict, run: dict, workdir: Path) -> Path:
     shutil.rmtree(here, ignore_errors=True)
     here.mkdir(parents=True)
     package = spec["source"].split("/")[0]
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
-    shutil.copytree(ROOT / package, here / package, ignore=ignore)
-    shutil.copytree(ROOT / "tests", here / "tests", ignore=ignore)
+    shutil.copytree(ROOT / package, here / package, ignore=IGNORE)
+    refresh_tests(spec, run, here)
+    return here
+
+
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
+
+
+def refresh_tests(spec: dict, run: dict, here: Path, config: bool = True) -> None:
+    """The repository's tests as they are now and (config) the module's [tool.mutmut].
+
+    --survivors copies the tests only: mutmut resets every verdict of a module whose test selection changed, so
+    a rerun keeps the first run's selection, and tests for survivors go into files it already selects (the
+    tests/test_mut_*.py files; mutmut finds the new tests in them and records which functions they reach)."""
+    package = spec["source"].split("/")[0]
+    shutil.rmtree(here / "tests", ignore_errors=True)
+    shutil.copytree(ROOT / "tests", here / "tests", ignore=IGNORE)
+    if not config:
+        return
     selection = list(spec["tests"])
     for test in spec.get("exclude_tests", []):
         selection += ["--deselect", test]
@@ -76,7 +92,6 @@ def prepare(name: str, spec: dict, run: dict, workdir: Path) -> Path:
         "use_git_change_detection = false\n"
         f"timeout_constant = {float(run['timeout_constant'])}\n"
         f"timeout_multiplier = {float(run['timeout_multiplier'])}\n\n" + _pytest_ini())
-    return here
 
 
 def export_models(names: set[str], folder: Path) -> None:
@@ -174,7 +189,8 @@ def collect(name: str, spec: dict, here: Path) -> dict:
     total = len(statuses)
     detected = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
     scored = total - counts.get("equivalent", 0)
-    return {"module": name, "source": spec["source"], "functions": globs, "tests": spec["tests"],
+    return {"module": name, "source": spec["source"], "functions": globs, "scope": spec.get("scope", ""),
+            "tests": spec["tests"],
             "exclude_tests": spec.get("exclude_tests", []), "mutants": total, "counts": counts,
             "score": detected / scored if scored else 1.0, "survivors": survivors, "equivalents": equivalents}
 
@@ -200,6 +216,11 @@ def markdown(report: dict) -> str:
                    f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('equivalent', 0)} | "
                    f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
                    f"{r.get('commit', '?')} |")
+    scoped = [r for r in report["modules"] if r["functions"] != ["*"]]
+    if scoped:
+        out += ["", "## Modules scoped to some functions", ""]
+        out += [f"- {r['source']} ({r['module']}): {', '.join(f'`{g}`' for g in r['functions'])}"
+                + (f". {r['scope']}" if r.get("scope") else "") for r in scoped]
     reruns = [(r, x) for r in report["modules"] for x in r.get("reruns", [])]
     if reruns:
         out += ["", "## Reruns of survivors (`--survivors`, after tests were added for them)", ""]
@@ -255,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] no survivors to rerun", flush=True)
             else:
                 commit = _commit()
-                shutil.rmtree(here / "tests")
-                shutil.copytree(ROOT / "tests", here / "tests",
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"))
+                refresh_tests(spec, run, here, config=False)
                 cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-survivors.log")
                 record = json.loads((here / "run.json").read_text())
                 record.setdefault("reruns", []).append({"command": command, "commit": commit, "mutants": mutants,
