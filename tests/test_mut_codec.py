@@ -451,3 +451,28 @@ def test_encoded_image_base64_limit(frame):
     assert (background() == (1, 2, 3)).all()
     default = EncodedImage(encode(np.dstack([frame, np.zeros(frame.shape[:2], np.uint8)]), "PNG"), UploadLimits())
     assert (default() == PAGE_BACKGROUND).all() and default.what == "image"
+
+
+def test_bmp_header_fields_are_unsigned(frame):
+    """A pixel offset or bit depth past 2**31 / 2**15 (a crafted header) is a huge claim, not a negative one: read
+    signed, such a file would need fewer bytes than it holds and reach the decoder."""
+    data = bytearray(encode(frame, "BMP"))
+    header = ImageHeader("BMP", 128, 96, "RGB")
+    far = bytearray(data)
+    far[10:14] = struct.pack("<I", 0xFFFFFFF0)
+    assert codec._bmp_min_bytes(bytes(far), header)[0] == 0xFFFFFFF0 + 128 * 3 * 96
+    with pytest.raises(InputError, match="^the BMP claims 128x96 pixels"):
+        check_density(bytes(far), header)
+    deep = bytearray(data)
+    deep[28:30] = struct.pack("<H", 0xFFFF)
+    assert codec._bmp_min_bytes(bytes(deep), header)[0] == 54 + (128 * 0xFFFF + 31) // 32 * 4 * 96
+
+
+def test_polygon_defaults():
+    """epsilon 1 px and a closed outline: a 20 px disc gives 12 corners (epsilon 2: 8; an open curve: 13)."""
+    yy, xx = np.mgrid[:60, :60]
+    disc = ((yy - 30) ** 2 + (xx - 30) ** 2) <= 20 ** 2
+    poly = mask_polygon(disc)
+    assert len(poly) == 12 and poly[0] != poly[-1]
+    assert len(mask_polygon(disc, epsilon=2.0)) == 8
+    assert all(isinstance(v, int) for p in poly for v in p)
