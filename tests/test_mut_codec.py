@@ -476,3 +476,18 @@ def test_polygon_defaults():
     assert len(poly) == 12 and poly[0] != poly[-1]
     assert len(mask_polygon(disc, epsilon=2.0)) == 8
     assert all(isinstance(v, int) for p in poly for v in p)
+
+
+def test_bmp_header_size_is_unsigned(frame):
+    """A crafted info-header size of 2**31 or more is a (large) info header, whose compression field is read:
+    RLE here, so unbounded; read signed it would be a negative size, the field skipped and the rows required."""
+    data = bytearray(encode(frame, "BMP"))
+    data[14:18] = struct.pack("<I", 0x80000000)
+    data[30:34] = struct.pack("<I", 1)
+    assert codec._bmp_min_bytes(bytes(data), ImageHeader("BMP", 128, 96, "RGB")) == (0, len(data))
+
+
+def test_rle_counts_from_json_floats():
+    """COCO RLE read back from JSON by other tools may carry counts as floats (3.0): they are whole numbers."""
+    assert np.array_equal(rle_to_mask({"size": [2, 3], "counts": [0.0, 2.0, 1.0, 1.0, 2.0]}),
+                          np.array([[1, 0, 0], [1, 1, 0]], bool))

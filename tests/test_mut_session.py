@@ -130,3 +130,36 @@ def test_undo_without_clicks_message(default_engines, scenes):
     s.set_image(scenes["grabcut"][0])
     with pytest.raises(StateError, match=r"^undo\(\) with no clicks to undo$"):
         s.undo()
+
+
+def test_the_crop_is_redone_and_flagged_only_when_the_roi_changes(default_engines, scenes, monkeypatch):
+    """Per forward the image crop and the resampling tables are rebuilt only when the ROI changed (CFR steps on
+    one ROI reuse them), and each rebuild sets `runner.image_dirty`, which device backends (ORT on CUDA,
+    TensorRT) read to upload the new crop: a crop left unflagged would run the model on the previous one there.
+    On this CPU the flag is what can be checked."""
+    import cfr_runtime.session as session_module
+
+    built = []
+    real = session_module.Resampler
+    monkeypatch.setattr(session_module, "Resampler", lambda *a, **k: built.append(a) or real(*a, **k))
+    image, gt = scenes["grabcut"]
+    s = Session(default_engines["square"], cfr=3, zoom_in=False)
+    s.set_image(image)
+    s._runner.image_dirty = False
+    s.add_click(*_inside(gt))
+    assert s.forwards == [4] and len(built) == 2  # one ROI (the whole image): to the net and back, once
+    assert s._runner.image_dirty is True
+    s._runner.image_dirty = False
+    s.add_click(10, 10, False)
+    assert len(built) == 2 and s._runner.image_dirty is False  # same ROI: nothing rebuilt, nothing to upload
+    image, gt = scenes["davis"]  # the zoom box moves between clicks on this frame
+    zoomed = Session(default_engines["square"])
+    zoomed.set_image(image)
+    clicker, pred, flags = Clicker(gt), np.zeros(gt.shape, bool), []
+    for _ in range(6):
+        before = zoomed.roi
+        zoomed._runner.image_dirty = False
+        y, x, p = clicker.next_click(pred)
+        pred = zoomed.add_click(x, y, p)
+        flags.append((zoomed.roi != before, zoomed._runner.image_dirty))
+    assert all(changed == dirty for changed, dirty in flags) and sum(c for c, _ in flags) >= 3, flags
