@@ -163,3 +163,15 @@ def test_the_crop_is_redone_and_flagged_only_when_the_roi_changes(default_engine
         pred = zoomed.add_click(x, y, p)
         flags.append((zoomed.roi != before, zoomed._runner.image_dirty))
     assert all(changed == dirty for changed, dirty in flags) and sum(c for c, _ in flags) >= 3, flags
+
+
+def test_a_bad_forward_names_the_engine(default_engines, scenes, monkeypatch):
+    """The refusal of a NaN forward names the engine that produced it (a service holds several)."""
+    engine = default_engines["square"]
+    s = Session(engine)
+    s.set_image(scenes["grabcut"][0])
+    monkeypatch.setattr(s._runner, "run", lambda: np.full((1, 1, 224, 224), np.nan, np.float32))
+    with pytest.raises(ModelOutputError) as info:
+        s.add_click(10, 10)
+    assert str(info.value).startswith(f"{engine!r} returned probabilities outside [0, 1] (min nan, max nan)")
+    assert s.clicks == [] and not s.mask.any()
