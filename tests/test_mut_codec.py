@@ -491,3 +491,40 @@ def test_rle_counts_from_json_floats():
     """COCO RLE read back from JSON by other tools may carry counts as floats (3.0): they are whole numbers."""
     assert np.array_equal(rle_to_mask({"size": [2, 3], "counts": [0.0, 2.0, 1.0, 1.0, 2.0]}),
                           np.array([[1, 0, 0], [1, 1, 0]], bool))
+
+
+def _segment(marker: int, payload: bytes = b"\0\0") -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", 2 + len(payload)) + payload
+
+
+@pytest.mark.parametrize("frame_marker", [0xC0, 0xC1, 0xC2, 0xC3])
+def test_jpeg_walk_stops_at_the_first_huffman_frame(frame, frame_marker):
+    """The coding is the first frame header's: a (crafted) arithmetic frame header after it is not reached."""
+    data = jpeg_claiming(frame, 6000, 6000, frame_marker)
+    at = data.index(bytes([0xFF, frame_marker]))
+    end = at + 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    crafted = data[:end] + _segment(0xC9) + data[end:]
+    assert codec._jpeg_min_bytes(crafted, ImageHeader("JPEG", 6000, 6000, "RGB"))[0] == 750 * 750 // 8
+
+
+@pytest.mark.parametrize("skipped", [0xC4, 0xC8, 0xCC, 0xD0, 0xDB, 0xE1, 0xFE])
+def test_jpeg_walk_skips_segments_that_are_not_frames(frame, skipped):
+    """DHT (C4), JPG (C8), DAC (CC), a (crafted) RST0 with a length, DQT, APP1 and COM before an arithmetic frame
+    header are skipped by their length: the arithmetic frame is found, and the file is not bounded."""
+    data = jpeg_claiming(frame, 6000, 6000, 0xC9)
+    crafted = data[:2] + _segment(skipped) + data[2:]
+    assert codec._jpeg_min_bytes(crafted, ImageHeader("JPEG", 6000, 6000, "RGB")) == (0, len(crafted))
+
+
+def test_jpeg_long_segment_length_is_unsigned(frame):
+    """An APP1 of 32 kB (EXIF with a thumbnail is often that large): its length, past 2**15, is read unsigned."""
+    data = jpeg_claiming(frame, 6000, 6000, 0xC9)
+    crafted = data[:2] + _segment(0xE1, bytes(0x8000)) + data[2:]
+    assert codec._jpeg_min_bytes(crafted, ImageHeader("JPEG", 6000, 6000, "RGB")) == (0, len(crafted))
+
+
+@pytest.mark.parametrize("skipped", [0xC4, 0xC8, 0xCC, 0xD0, 0xD7, 0xDB, 0xE1, 0xFE])
+def test_jpeg_segments_before_a_huffman_frame_leave_it_bounded(frame, skipped):
+    data = jpeg_claiming(frame, 6000, 6000, 0xC0)
+    crafted = data[:2] + _segment(skipped) + data[2:]
+    assert codec._jpeg_min_bytes(crafted, ImageHeader("JPEG", 6000, 6000, "RGB")) == (750 * 750 // 8, len(crafted))

@@ -118,7 +118,9 @@ def _inside(gt) -> tuple[int, int]:
 def test_check_probs_message():
     with pytest.raises(ModelOutputError) as info:
         check_probs(np.array([[0.5, np.nan]], np.float32))
-    assert str(info.value).startswith("'the engine' returned probabilities outside [0, 1] (min nan, max nan)")
+    assert str(info.value) == (
+        "'the engine' returned probabilities outside [0, 1] (min nan, max nan); the model's weights are corrupt "
+        "(NaN/inf) or its precision overflowed: re-export and verify it with cfr-export")
     with pytest.raises(ModelOutputError, match=r"^'model\.onnx' returned probabilities outside \[0, 1\] "
                                                r"\(min -0\.5, max 1\.0\); the model's weights are corrupt"):
         check_probs(np.array([-0.5, 1.0], np.float32), "model.onnx")
@@ -175,3 +177,18 @@ def test_a_bad_forward_names_the_engine(default_engines, scenes, monkeypatch):
         s.add_click(10, 10)
     assert str(info.value).startswith(f"{engine!r} returned probabilities outside [0, 1] (min nan, max nan)")
     assert s.clicks == [] and not s.mask.any()
+
+
+def test_disk_rows_are_written_once_per_click_and_roi(default_engines, scenes, monkeypatch):
+    """CFR steps on one ROI reuse the click disks: they are rewritten only when the clicks or the ROI change."""
+    import cfr_runtime.session as session_module
+
+    written = []
+    real = session_module.write_disk_rows
+    monkeypatch.setattr(session_module, "write_disk_rows", lambda *a: written.append(a[3]) or real(*a))
+    image, gt = scenes["grabcut"]
+    s = Session(default_engines["square"], cfr=3, cfr_clicks=None, zoom_in=False)
+    s.set_image(image)
+    s.add_click(*_inside(gt))
+    s.add_click(10, 10, False)
+    assert s.forwards == [4, 4] and len(written) == 2
