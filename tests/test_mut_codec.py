@@ -528,3 +528,8 @@ def test_jpeg_segments_before_a_huffman_frame_leave_it_bounded(frame, skipped):
     data = jpeg_claiming(frame, 6000, 6000, 0xC0)
     crafted = data[:2] + _segment(skipped) + data[2:]
     assert codec._jpeg_min_bytes(crafted, ImageHeader("JPEG", 6000, 6000, "RGB")) == (750 * 750 // 8, len(crafted))
+
+
+def test_rle_of_a_label_map_treats_every_nonzero_value_as_the_object():
+    labels = np.array([[0, 1, 2], [2, 0, 1]], np.uint8)  # e.g. an instance map: 1 and 2 are both object
+    assert mask_rle(labels) == mask_rle(labels > 0) == {"size": [2, 3], "counts": [1, 2, 1, 2]}
