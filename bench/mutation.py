@@ -195,6 +195,14 @@ def collect(name: str, spec: dict, here: Path) -> dict:
             "score": detected / scored if scored else 1.0, "survivors": survivors, "equivalents": equivalents}
 
 
+def unchecked(spec: dict, here: Path) -> list[str]:
+    """In-scope mutants of an interrupted run that have no verdict yet."""
+    meta = json.loads((here / "mutants" / (spec["source"] + ".meta")).read_text())
+    globs = spec.get("functions", ["*"])
+    return sorted(k for k, v in meta["exit_code_by_key"].items()
+                  if v is None and any(fnmatch.fnmatchcase(k, g) for g in globs))
+
+
 def markdown(report: dict) -> str:
     m = report["meta"]
     cpu = sum(r.get("cpu_seconds", 0) for r in report["modules"])
@@ -221,6 +229,12 @@ def markdown(report: dict) -> str:
         out += ["", "## Modules scoped to some functions", ""]
         out += [f"- {r['source']} ({r['module']}): {', '.join(f'`{g}`' for g in r['functions'])}"
                 + (f". {r['scope']}" if r.get("scope") else "") for r in scoped]
+    resumed = [(r, x) for r in report["modules"] for x in r.get("resumed", [])]
+    if resumed:
+        out += ["", "## Interrupted runs continued (`--resume`; the table adds up the parts)", ""]
+        out += [f"- {r['source']} ({r['module']}): {r.get('interrupted', '')}; continued with {x['mutants']} mutants, "
+                f"{x['max_children']} at once, at commit {x['commit']}, {x['seconds'] / 60:.1f} min, "
+                f"{x['cpu_seconds'] / 60:.1f} CPU min: `{x['command']}`" for r, x in resumed]
     reruns = [(r, x) for r in report["modules"] for x in r.get("reruns", [])]
     if reruns:
         out += ["", "## Reruns of survivors (`--survivors`, after tests were added for them)", ""]
@@ -247,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the last run")
     ap.add_argument("--survivors", action="store_true", help="rerun only the last run's surviving mutants, with the "
                     "tests as they are now (after adding tests for them); the report notes the rerun")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in --workdir (its run.json "
+                    "written by hand when it was stopped): the in-scope mutants without a verdict")
     args = ap.parse_args(argv)
 
     config = tomllib.loads(CONFIG.read_text())
@@ -282,6 +298,22 @@ def main(argv: list[str] | None = None) -> int:
                 record.setdefault("reruns", []).append({"command": command, "commit": commit, "mutants": mutants,
                                                         "seconds": time.time() - t0, "cpu_seconds": cpu})
                 (here / "run.json").write_text(json.dumps(record))
+        elif args.resume:
+            # an interrupted run, continued (e.g. with more --max-children once the machine is freer): the
+            # in-scope mutants without a verdict, with the tests as they are now and the first run's selection
+            # (changing it would make mutmut reset every verdict); finished verdicts stand
+            mutants, commit = unchecked(spec, here), _commit()
+            refresh_tests(spec, run, here, config=False)
+            cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-resume.log") \
+                if mutants else 0.0
+            record = json.loads((here / "run.json").read_text())  # the interrupted part's, written when stopped
+            record.setdefault("resumed", []).append({"command": command, "commit": commit, "mutants": len(mutants),
+                                                     "seconds": time.time() - t0, "cpu_seconds": cpu,
+                                                     "max_children": children})
+            record["seconds"] += record["resumed"][-1]["seconds"]
+            record["cpu_seconds"] += cpu
+            record["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            (here / "run.json").write_text(json.dumps(record))
         elif not args.report_only:
             commit = _commit()  # of the sources and tests copied now
             here = prepare(name, spec, run, workdir)

@@ -192,3 +192,11 @@ def test_disk_rows_are_written_once_per_click_and_roi(default_engines, scenes, m
     s.add_click(*_inside(gt))
     s.add_click(10, 10, False)
     assert s.forwards == [4, 4] and len(written) == 2
+
+
+def test_a_click_is_positive_by_default(default_engines, scenes):
+    image, gt = scenes["grabcut"]
+    s = Session(default_engines["square"])
+    s.set_image(image)
+    mask = s.add_click(*_inside(gt))
+    assert s.clicks[0].positive is True and mask[_inside(gt)[1], _inside(gt)[0]]
