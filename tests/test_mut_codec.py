@@ -533,3 +533,18 @@ def test_jpeg_segments_before_a_huffman_frame_leave_it_bounded(frame, skipped):
 def test_rle_of_a_label_map_treats_every_nonzero_value_as_the_object():
     labels = np.array([[0, 1, 2], [2, 0, 1]], np.uint8)  # e.g. an instance map: 1 and 2 are both object
     assert mask_rle(labels) == mask_rle(labels > 0) == {"size": [2, 3], "counts": [1, 2, 1, 2]}
+
+
+def test_b64decode_refuses_padding_at_a_chunk_boundary():
+    """Decoded a megabyte at a time, "QQ==" ending one piece and more text after it would each be valid base64:
+    padding anywhere but the end is refused on the whole text first, as base64.b64decode(validate=True) does."""
+    text = "A" * (B64_CHUNK - 4) + "QQ==" + "QUJD"
+    with pytest.raises(binascii.Error) as info:
+        base64.b64decode(text, validate=True)
+    with pytest.raises(binascii.Error) as info:
+        b64decode(text)
+    assert str(info.value) == "incorrect length or padding"
+    for bad in ("QUJD" + "Q", "QUJD" + "QQ=", "QQ==" + "QUJD", "=QUJ"):
+        with pytest.raises(binascii.Error, match="^incorrect length or padding$"):
+            b64decode(bad)
+    assert b64decode("QUJDQQ==") == b"ABCA" and b64decode("QUJDQUI=") == b"ABCAB"

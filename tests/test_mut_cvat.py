@@ -203,3 +203,10 @@ def test_interact_refuses_an_image_over_the_limits(engine, frame):
     b["image"] = "@@@@"
     assert refused(lambda: cvat.interact(store, b, limits=UploadLimits())) == (
         400, "the CVAT request's 'image' is not valid base64")
+
+
+def test_answer_bytes_are_compact_json():
+    corner = np.zeros((3, 4), bool)
+    corner[2, 3] = True
+    assert cvat.answer_bytes(corner, forwards=1) == b'{"mask":[[1]],"forwards":1,"bounds":[3,2,3,2]}'
+    assert cvat.answer_bytes(np.zeros((3, 4), bool)) == b'{"mask":[[0]],"points":[],"bounds":[0,0,0,0]}'
