@@ -176,7 +176,7 @@ def collect(name: str, spec: dict, here: Path) -> dict:
     survivors, equivalents, counts = [], [], {}
     with _cwd(here):
         for mutant, status in sorted(statuses.items()):
-            if status in ("survived", "no tests", "suspicious", "not checked"):
+            if status in ("survived", "no tests", "suspicious"):
                 diff = get_diff_for_mutant(mutant, path=spec["source"])
                 function, added = _function(mutant), " / ".join(_added_lines(diff))
                 reason = equivalent.get((function, added))
@@ -188,7 +188,8 @@ def collect(name: str, spec: dict, here: Path) -> dict:
             counts[status] = counts.get(status, 0) + 1
     total = len(statuses)
     detected = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
-    scored = total - counts.get("equivalent", 0)
+    # "not checked": a run stopped before it reached them (the report says so); scored over the mutants tested
+    scored = total - counts.get("equivalent", 0) - counts.get("not checked", 0)
     return {"module": name, "source": spec["source"], "functions": globs, "scope": spec.get("scope", ""),
             "tests": spec["tests"],
             "exclude_tests": spec.get("exclude_tests", []), "mutants": total, "counts": counts,
@@ -210,18 +211,20 @@ def markdown(report: dict) -> str:
     out = [f"# Mutation testing: {', '.join(r['module'] for r in report['modules'])}", "",
            f"Report command: `{m['command']}` at commit {m['commit']}; each module's own run command, commit and "
            "times are in the JSON (`modules[].command`).  ",
-           f"mutmut {m['mutmut']}, {m['machine']}, {m['max_children']} mutants at once; load average "
+           f"mutmut {m['mutmut']}, {m['machine']}, mutants at once per module in the JSON; load average "
            f"{m['load_before']} before the report, each module's after its run in the JSON; {wall / 60:.1f} min wall, "
            f"{cpu / 60:.1f} CPU min over the modules' runs.", "",
-           f"Score = (killed + timed out) / (mutants - equivalent); target {m['target']:.0%} per module.", "",
+           f"Score = (killed + timed out) / (mutants - equivalent - not run); target {m['target']:.0%} per module.", "",
            "Minutes: wall time under the load of the moment; CPU minutes: what the module's run used, whatever the "
            "load (user + system time of mutmut and every test process it forked).", "",
-           "| module | mutants | killed | timeout | survived | no tests | equivalent | score | minutes | CPU min | "
-           "commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "Not run: mutants a run stopped before reaching (out of time); the score is over the mutants tested.", "",
+           "| module | mutants | killed | timeout | survived | no tests | equivalent | not run | score | minutes | "
+           "CPU min | commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["modules"]:
         c = r["counts"]
         out.append(f"| {r['source']} ({r['module']}) | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
                    f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('equivalent', 0)} | "
+                   f"{c.get('not checked', 0)} | "
                    f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
                    f"{r.get('commit', '?')} |")
     scoped = [r for r in report["modules"] if r["functions"] != ["*"]]
