@@ -15,7 +15,7 @@ import pytest
 
 from cfr_runtime import Session
 from cfr_runtime.clicker import Clicker
-from cfr_runtime.errors import ModelOutputError, StateError
+from cfr_runtime.errors import InputError, ModelOutputError, StateError
 from cfr_runtime.session import check_probs
 
 
@@ -200,3 +200,22 @@ def test_a_click_is_positive_by_default(default_engines, scenes):
     s.set_image(image)
     mask = s.add_click(*_inside(gt))
     assert s.clicks[0].positive is True and mask[_inside(gt)[1], _inside(gt)[0]]
+
+
+def test_clicks_on_the_image_edges(default_engines, scenes):
+    """Row 0 and column 0 are on the image, row h and column w are not; each refusal says why."""
+    image, _ = scenes["grabcut"]
+    h, w = image.shape[:2]
+    s = Session(default_engines["square"])
+    s.set_image(image)
+    for x, y in ((0, 0), (w - 1, 0), (0, h - 1), (w - 0.5, h - 0.5), (3, 0.0)):
+        s.add_click(x, y)
+    for x, y in ((w, 0), (0, h), (-0.5, 3), (3, -0.5)):
+        with pytest.raises(InputError) as info:
+            s.add_click(x, y)
+        assert str(info.value) == (f"click (x={x}, y={y}) is outside the {w}x{h} image (0 <= x < {w}, "
+                                   f"0 <= y < {h})")
+    with pytest.raises(InputError) as info:
+        s.add_click(3, 3, 2)
+    assert str(info.value) == "positive must be True or False, got 2"
+    assert len(s.clicks) == 5
