@@ -548,3 +548,13 @@ def test_b64decode_refuses_padding_at_a_chunk_boundary():
         with pytest.raises(binascii.Error, match="^incorrect length or padding$"):
             b64decode(bad)
     assert b64decode("QUJDQQ==") == b"ABCA" and b64decode("QUJDQUI=") == b"ABCAB"
+
+
+def test_encoded_image_probes_the_header_once(frame, monkeypatch):
+    """The header read for the memory reservation is the one the decode uses: the checks do not run twice."""
+    probes = []
+    real = codec.probe_upload
+    monkeypatch.setattr(codec, "probe_upload", lambda *a: probes.append(1) or real(*a))
+    img = EncodedImage(encode(frame, "PNG"), UploadLimits())
+    img.header()
+    assert np.array_equal(img(), frame) and probes == [1]

@@ -210,3 +210,15 @@ def test_answer_bytes_are_compact_json():
     corner[2, 3] = True
     assert cvat.answer_bytes(corner, forwards=1) == b'{"mask":[[1]],"forwards":1,"bounds":[3,2,3,2]}'
     assert cvat.answer_bytes(np.zeros((3, 4), bool)) == b'{"mask":[[0]],"points":[],"bounds":[0,0,0,0]}'
+
+
+def test_interact_crops_by_default(engine):
+    from tests.conftest import blob_scene
+
+    rgb = blob_scene(3, 120, 160)[0]  # one small object: its box is well inside the frame
+    store = SessionStore(engine)
+    ans = json.loads(cvat.interact(store, body(rgb, [(80, 60)]), limits=UploadLimits()))
+    left, top, right, bottom = ans["bounds"]
+    mask = fresh(engine, rgb, [(80, 60, True)])
+    ys, xs = np.nonzero(mask)
+    assert [left, top, right, bottom] == [xs.min(), ys.min(), xs.max(), ys.max()] != [0, 0, 159, 119]

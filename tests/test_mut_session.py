@@ -219,3 +219,18 @@ def test_clicks_on_the_image_edges(default_engines, scenes):
         s.add_click(3, 3, 2)
     assert str(info.value) == "positive must be True or False, got 2"
     assert len(s.clicks) == 5
+
+
+def test_the_click_limit_is_per_kind_and_names_it(default_engines, scenes):
+    image, gt = scenes["grabcut"]
+    s = Session(default_engines["square"])
+    s.set_image(image)
+    n = default_engines["square"].contract.max_points
+    for i in range(n):
+        s.add_click(i, 0, False)
+    with pytest.raises(InputError) as info:
+        s.add_click(0, 1, False)
+    assert str(info.value) == (f"this engine takes at most {n} negative clicks; re-export with a larger "
+                               "--max-points, or undo()/reset()")
+    s.add_click(*_inside(gt))  # positives are counted apart
+    assert len(s.clicks) == n + 1
