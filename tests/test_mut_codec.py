@@ -143,7 +143,7 @@ def test_png_idat_cut_short_counts_only_the_bytes_present():
     cut = full[:start + 1234]  # the IDAT chunk claims 5000 bytes; 1234 are there
     assert codec._png_min_bytes(cut, header) == (h * (1 + 3 * w) // DEFLATE_MAX_RATIO, 1234)
     assert codec._png_min_bytes(full[:32], header) == (1, 0)  # no complete IHDR: always too little
-    assert codec._png_min_bytes(full[:33], header)[1] == 0
+    assert codec._png_min_bytes(full[:33], header) == (h * (1 + 3 * w) // DEFLATE_MAX_RATIO, 0)  # IHDR, no IDAT
 
 
 def test_png_of_a_real_frame_passes_and_its_truncation_is_refused(frame):

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -222,3 +223,28 @@ def test_interact_crops_by_default(engine):
     mask = fresh(engine, rgb, [(80, 60, True)])
     ys, xs = np.nonzero(mask)
     assert [left, top, right, bottom] == [xs.min(), ys.min(), xs.max(), ys.max()] != [0, 0, 159, 119]
+
+
+def test_body_that_is_not_json_is_named():
+    status, msg = refused(cvat.parse_request, b"{nope")
+    assert status == 400 and msg.startswith("the CVAT request body is not JSON (")
+
+
+def test_threshold_is_strict(engine, frame):
+    """A CVAT threshold keeps the pixels strictly above it, as the Session's own threshold does."""
+    s = Session(engine)
+    s.set_image(frame)
+    s.add_click(80, 60)
+    probs = s.probs
+    inside = probs[(probs > 0.05) & (probs < 0.95)]
+    t = float(inside[len(inside) // 2])  # a probability some pixel has exactly
+    ans = json.loads(cvat.interact(SessionStore(engine), body(frame, [(80, 60)], threshold=t),
+                                   limits=UploadLimits(), crop=False))
+    got = np.asarray(ans["mask"], bool)
+    assert np.array_equal(got, probs > t) and not np.array_equal(got, probs >= t)
+
+
+def test_server_ms_is_the_time_since_start_in_ms(engine, frame, monkeypatch):
+    monkeypatch.setattr(cvat, "time", SimpleNamespace(perf_counter=lambda: 3.23456789))
+    ans = json.loads(cvat.interact(SessionStore(engine), body(frame, [(80, 60)]), limits=UploadLimits(), start=2.0))
+    assert ans["server_ms"] == 1234.568

@@ -357,3 +357,21 @@ def test_replay_waits_for_the_session_with_the_longest_prefix(engine, frame):
     with store.replay("img", lambda: frame, [p1, p2]) as r:
         assert (r.kept, r.created) == (1, False)
     assert len(store) == 2
+
+
+def test_sweep_hands_the_pages_back_by_default(engine, frame, monkeypatch):
+    import cfr_runtime.serve.store as store_module
+
+    released = []
+    monkeypatch.setattr(store_module, "release_memory", lambda: released.append(1))
+    clock = Clock()
+    store = SessionStore(engine, StoreLimits(idle_timeout_s=1), clock=clock)
+    store.create(frame)
+    store.create(frame)
+    released.clear()
+    clock.now += 2
+    assert store.sweep() == 2 and released == [1]  # once for the sweep, not per session
+    store.create(frame)
+    released.clear()
+    clock.now += 2
+    assert store.sweep(release=False) == 1 and released == []
