@@ -232,6 +232,10 @@ def markdown(report: dict) -> str:
         out += ["", "## Modules scoped to some functions", ""]
         out += [f"- {r['source']} ({r['module']}): {', '.join(f'`{g}`' for g in r['functions'])}"
                 + (f". {r['scope']}" if r.get("scope") else "") for r in scoped]
+    stopped = [r for r in report["modules"] if r.get("interrupted") and not r.get("resumed")]
+    if stopped:
+        out += ["", "## Runs stopped before the end (out of time; their untested mutants are 'not run')", ""]
+        out += [f"- {r['source']} ({r['module']}): {r['interrupted']}: `{r['command']}`" for r in stopped]
     resumed = [(r, x) for r in report["modules"] for x in r.get("resumed", [])]
     if resumed:
         out += ["", "## Interrupted runs continued (`--resume`; the table adds up the parts)", ""]
