@@ -558,3 +558,9 @@ def test_encoded_image_probes_the_header_once(frame, monkeypatch):
     img = EncodedImage(encode(frame, "PNG"), UploadLimits())
     img.header()
     assert np.array_equal(img(), frame) and probes == [1]
+
+
+def test_png_unknown_colour_type_counts_one_sample():
+    """A colour type outside the PNG table (PIL refuses such files; the bound must not fail on them first)."""
+    header = ImageHeader("PNG", 1000, 1000, "RGB")
+    assert codec._png_min_bytes(png(1000, 1000, 8, 7, [b"\0" * 10]), header) == (1000 * 1001 // DEFLATE_MAX_RATIO, 10)

@@ -375,3 +375,10 @@ def test_sweep_hands_the_pages_back_by_default(engine, frame, monkeypatch):
     released.clear()
     clock.now += 2
     assert store.sweep(release=False) == 1 and released == []
+
+
+def test_stats_round_to_hundredths_of_a_megabyte():
+    store = store_with([("a1", "A", 1.23456, False)], StoreLimits())
+    store.hold(3_333_333, "B")  # 3.1789... MB
+    s = store.stats()
+    assert s["reserved_mb"] == 3.18 and s["memory_mb"] == 4.41  # 1.2346 + 3.1789 = 4.4135
