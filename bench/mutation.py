@@ -60,9 +60,25 @@ def prepare(name: str, spec: dict, run: dict, workdir: Path) -> Path:
     shutil.rmtree(here, ignore_errors=True)
     here.mkdir(parents=True)
     package = spec["source"].split("/")[0]
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
-    shutil.copytree(ROOT / package, here / package, ignore=ignore)
-    shutil.copytree(ROOT / "tests", here / "tests", ignore=ignore)
+    shutil.copytree(ROOT / package, here / package, ignore=IGNORE)
+    refresh_tests(spec, run, here)
+    return here
+
+
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
+
+
+def refresh_tests(spec: dict, run: dict, here: Path, config: bool = True) -> None:
+    """The repository's tests as they are now and (config) the module's [tool.mutmut].
+
+    --survivors copies the tests only: mutmut resets every verdict of a module whose test selection changed, so
+    a rerun keeps the first run's selection, and tests for survivors go into files it already selects (the
+    tests/test_mut_*.py files; mutmut finds the new tests in them and records which functions they reach)."""
+    package = spec["source"].split("/")[0]
+    shutil.rmtree(here / "tests", ignore_errors=True)
+    shutil.copytree(ROOT / "tests", here / "tests", ignore=IGNORE)
+    if not config:
+        return
     selection = list(spec["tests"])
     for test in spec.get("exclude_tests", []):
         selection += ["--deselect", test]
@@ -76,7 +92,6 @@ def prepare(name: str, spec: dict, run: dict, workdir: Path) -> Path:
         "use_git_change_detection = false\n"
         f"timeout_constant = {float(run['timeout_constant'])}\n"
         f"timeout_multiplier = {float(run['timeout_multiplier'])}\n\n" + _pytest_ini())
-    return here
 
 
 def export_models(names: set[str], folder: Path) -> None:
@@ -161,7 +176,7 @@ def collect(name: str, spec: dict, here: Path) -> dict:
     survivors, equivalents, counts = [], [], {}
     with _cwd(here):
         for mutant, status in sorted(statuses.items()):
-            if status in ("survived", "no tests", "suspicious", "not checked"):
+            if status in ("survived", "no tests", "suspicious"):
                 diff = get_diff_for_mutant(mutant, path=spec["source"])
                 function, added = _function(mutant), " / ".join(_added_lines(diff))
                 reason = equivalent.get((function, added))
@@ -173,10 +188,20 @@ def collect(name: str, spec: dict, here: Path) -> dict:
             counts[status] = counts.get(status, 0) + 1
     total = len(statuses)
     detected = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
-    scored = total - counts.get("equivalent", 0)
-    return {"module": name, "source": spec["source"], "functions": globs, "tests": spec["tests"],
+    # "not checked": a run stopped before it reached them (the report says so); scored over the mutants tested
+    scored = total - counts.get("equivalent", 0) - counts.get("not checked", 0)
+    return {"module": name, "source": spec["source"], "functions": globs, "scope": spec.get("scope", ""),
+            "tests": spec["tests"],
             "exclude_tests": spec.get("exclude_tests", []), "mutants": total, "counts": counts,
             "score": detected / scored if scored else 1.0, "survivors": survivors, "equivalents": equivalents}
+
+
+def unchecked(spec: dict, here: Path) -> list[str]:
+    """In-scope mutants of an interrupted run that have no verdict yet."""
+    meta = json.loads((here / "mutants" / (spec["source"] + ".meta")).read_text())
+    globs = spec.get("functions", ["*"])
+    return sorted(k for k, v in meta["exit_code_by_key"].items()
+                  if v is None and any(fnmatch.fnmatchcase(k, g) for g in globs))
 
 
 def markdown(report: dict) -> str:
@@ -186,20 +211,37 @@ def markdown(report: dict) -> str:
     out = [f"# Mutation testing: {', '.join(r['module'] for r in report['modules'])}", "",
            f"Report command: `{m['command']}` at commit {m['commit']}; each module's own run command, commit and "
            "times are in the JSON (`modules[].command`).  ",
-           f"mutmut {m['mutmut']}, {m['machine']}, {m['max_children']} mutants at once; load average "
+           f"mutmut {m['mutmut']}, {m['machine']}, mutants at once per module in the JSON; load average "
            f"{m['load_before']} before the report, each module's after its run in the JSON; {wall / 60:.1f} min wall, "
            f"{cpu / 60:.1f} CPU min over the modules' runs.", "",
-           f"Score = (killed + timed out) / (mutants - equivalent); target {m['target']:.0%} per module.", "",
+           f"Score = (killed + timed out) / (mutants - equivalent - not run); target {m['target']:.0%} per module.", "",
            "Minutes: wall time under the load of the moment; CPU minutes: what the module's run used, whatever the "
            "load (user + system time of mutmut and every test process it forked).", "",
-           "| module | mutants | killed | timeout | survived | no tests | equivalent | score | minutes | CPU min | "
-           "commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "Not run: mutants a run stopped before reaching (out of time); the score is over the mutants tested.", "",
+           "| module | mutants | killed | timeout | survived | no tests | equivalent | not run | score | minutes | "
+           "CPU min | commit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["modules"]:
         c = r["counts"]
         out.append(f"| {r['source']} ({r['module']}) | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
                    f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('equivalent', 0)} | "
+                   f"{c.get('not checked', 0)} | "
                    f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
                    f"{r.get('commit', '?')} |")
+    scoped = [r for r in report["modules"] if r["functions"] != ["*"]]
+    if scoped:
+        out += ["", "## Modules scoped to some functions", ""]
+        out += [f"- {r['source']} ({r['module']}): {', '.join(f'`{g}`' for g in r['functions'])}"
+                + (f". {r['scope']}" if r.get("scope") else "") for r in scoped]
+    stopped = [r for r in report["modules"] if r.get("interrupted") and not r.get("resumed")]
+    if stopped:
+        out += ["", "## Runs stopped before the end (out of time; their untested mutants are 'not run')", ""]
+        out += [f"- {r['source']} ({r['module']}): {r['interrupted']}: `{r['command']}`" for r in stopped]
+    resumed = [(r, x) for r in report["modules"] for x in r.get("resumed", [])]
+    if resumed:
+        out += ["", "## Interrupted runs continued (`--resume`; the table adds up the parts)", ""]
+        out += [f"- {r['source']} ({r['module']}): {r.get('interrupted', '')}; continued with {x['mutants']} mutants, "
+                f"{x['max_children']} at once, at commit {x['commit']}, {x['seconds'] / 60:.1f} min, "
+                f"{x['cpu_seconds'] / 60:.1f} CPU min: `{x['command']}`" for r, x in resumed]
     reruns = [(r, x) for r in report["modules"] for x in r.get("reruns", [])]
     if reruns:
         out += ["", "## Reruns of survivors (`--survivors`, after tests were added for them)", ""]
@@ -226,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the last run")
     ap.add_argument("--survivors", action="store_true", help="rerun only the last run's surviving mutants, with the "
                     "tests as they are now (after adding tests for them); the report notes the rerun")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in --workdir (its run.json "
+                    "written by hand when it was stopped): the in-scope mutants without a verdict")
     args = ap.parse_args(argv)
 
     config = tomllib.loads(CONFIG.read_text())
@@ -255,14 +299,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] no survivors to rerun", flush=True)
             else:
                 commit = _commit()
-                shutil.rmtree(here / "tests")
-                shutil.copytree(ROOT / "tests", here / "tests",
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"))
+                refresh_tests(spec, run, here, config=False)
                 cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-survivors.log")
                 record = json.loads((here / "run.json").read_text())
                 record.setdefault("reruns", []).append({"command": command, "commit": commit, "mutants": mutants,
                                                         "seconds": time.time() - t0, "cpu_seconds": cpu})
                 (here / "run.json").write_text(json.dumps(record))
+        elif args.resume:
+            # an interrupted run, continued (e.g. with more --max-children once the machine is freer): the
+            # in-scope mutants without a verdict, with the tests as they are now and the first run's selection
+            # (changing it would make mutmut reset every verdict); finished verdicts stand
+            mutants, commit = unchecked(spec, here), _commit()
+            refresh_tests(spec, run, here, config=False)
+            cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-resume.log") \
+                if mutants else 0.0
+            record = json.loads((here / "run.json").read_text())  # the interrupted part's, written when stopped
+            record.setdefault("resumed", []).append({"command": command, "commit": commit, "mutants": len(mutants),
+                                                     "seconds": time.time() - t0, "cpu_seconds": cpu,
+                                                     "max_children": children})
+            record["seconds"] += record["resumed"][-1]["seconds"]
+            record["cpu_seconds"] += cpu
+            record["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            (here / "run.json").write_text(json.dumps(record))
         elif not args.report_only:
             commit = _commit()  # of the sources and tests copied now
             here = prepare(name, spec, run, workdir)
