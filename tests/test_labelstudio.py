@@ -519,6 +519,30 @@ def test_request_errors(api):
     assert len(store) == 1
 
 
+def test_bodies_are_named_and_held_as_the_client(engine, fake, monkeypatch):
+    """Every route's refusal names its body exactly (the page shows it), and a body is held against the memory
+    cap as the client that sent it, as its session is."""
+    client, store = make_client(engine, monkeypatch, fake.url, client_identity="header")
+    held, hold = [], store.hold
+    monkeypatch.setattr(store, "hold", lambda nbytes, who: held.append(who) or hold(nbytes, who))
+    h = {"X-Client-Id": "annotator-7"}
+
+    def message(resp, status: int) -> str:
+        assert resp.status_code == status, resp.text
+        return resp.json()["message"]
+
+    with client:
+        for route, what in (("setup", "setup body"), ("webhook", "webhook body"), ("predict", "request body")):
+            url = f"/labelstudio/{route}"
+            assert message(client.post(url, content=b"{}", headers={**h, "Content-Type": "text/plain"}), 415
+                           ).startswith(f"the Label Studio {what} must be sent as Content-Type: application/json")
+            assert message(client.post(url, json=[1], headers=h), 400) == (
+                f"the Label Studio {what} must be a JSON object")
+            assert message(client.post(url, content=b"{", headers={**h, "Content-Type": "application/json"}), 400
+                           ).startswith(f"the Label Studio {what} is not JSON (")
+    assert held and set(held) == {"id:annotator-7"}
+
+
 # ---- small pieces --------------------------------------------------------------------------------------
 @given(st.integers(1, 5000), st.data())
 def test_percent_to_pixel(n, data):
