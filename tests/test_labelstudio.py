@@ -36,6 +36,7 @@ from cfr_runtime.serve.labelstudio import (  # noqa: E402
     brush_module,
     brush_rle_to_mask,
     mask_to_brush_rle,
+    model_version,
     parse_schema,
     to_pixel,
 )
@@ -541,6 +542,32 @@ def test_bodies_are_named_and_held_as_the_client(engine, fake, monkeypatch):
             assert message(client.post(url, content=b"{", headers={**h, "Content-Type": "application/json"}), 400
                            ).startswith(f"the Label Studio {what} is not JSON (")
     assert held and set(held) == {"id:annotator-7"}
+
+
+def test_predict_body_shapes(api, engine):
+    """The request's shapes, each answered exactly: 'tasks' a list of objects, the context an object (under
+    params, or at the top level as older Label Studio versions send it), none at all a batch request."""
+    client, store, _ = api
+    path, size = "/data/upload/1/a.png", (163, 121)
+    kp = pixel_keypoint(80, 60, True, size)
+
+    def answer(body, status: int):
+        resp = client.post("/labelstudio/predict", json=body)
+        assert resp.status_code == status, resp.text
+        return resp.json()
+
+    for tasks in ({"id": 1}, None, [{"id": 1}, "x"]):
+        assert answer({**predict_body(1, path, [kp]), "tasks": tasks}, 400)["message"] == (
+            "'tasks' must be a list of Label Studio tasks")
+    body = predict_body(1, path, [kp])
+    body["params"]["context"] = [kp]
+    assert answer(body, 400)["message"] == "params.context must be an object with a 'result' list"
+    batch = {"results": [], "model_version": model_version(engine, "StdInfer")}
+    assert answer(predict_body(1, path, None), 200) == batch
+    top = predict_body(1, path, None)
+    del top["params"]
+    top["context"] = {"result": [kp]}
+    assert len(answer(top, 200)["results"][0]["result"]) == 1  # the context at the top level is read
 
 
 # ---- small pieces --------------------------------------------------------------------------------------
