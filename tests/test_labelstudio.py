@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -568,6 +569,30 @@ def test_predict_body_shapes(api, engine):
     del top["params"]
     top["context"] = {"result": [kp]}
     assert len(answer(top, 200)["results"][0]["result"]) == 1  # the context at the top level is read
+    cleared = {"results": [{"result": [], "score": 0.0, "model_version": batch["model_version"]}]}
+    no_result = predict_body(1, path, None)
+    no_result["params"]["context"] = {"selected": []}
+    assert answer(no_result, 200) == cleared  # a context without 'result': no keypoints, the mask cleared
+    assert answer(predict_body(1, path, []), 200) == cleared
+
+
+def test_prediction_region_label_and_score(api):
+    """The region's id (10 hex digits, Label Studio's own length), the brush label of the keypoint's own label
+    among several, and the score of an empty mask: 0, not the mean of nothing."""
+    client, _, _ = api
+    path, size = "/data/upload/1/a.png", (163, 121)
+    two = CONFIG.replace('<Label value="Object" background="red"/>', '<Label value="Cat"/><Label value="Dog"/>')
+    two = two.replace('<Label value="Object" smart="true" background="blue" showInline="true"/>',
+                      '<Label value="Cat" smart="true"/><Label value="Dog" smart="true"/>')
+    kp = pixel_keypoint(80, 60, True, size)
+    kp["value"]["keypointlabels"] = ["Dog"]
+    mask, pred = answer_mask(client.post("/labelstudio/predict", json=predict_body(1, path, [kp], two)))
+    region = pred["result"][0]
+    assert region["value"]["brushlabels"] == ["Dog"] and re.fullmatch("[0-9a-f]{10}", region["id"]), region["id"]
+    assert mask.any() and 0.5 <= pred["score"] <= 1
+    negative = pixel_keypoint(80, 60, False, size)
+    mask, pred = answer_mask(client.post("/labelstudio/predict", json=predict_body(3, path, [negative])))
+    assert not mask.any() and pred["score"] == 0.0 and pred["result"][0]["score"] == 0.0
 
 
 # ---- small pieces --------------------------------------------------------------------------------------
