@@ -101,6 +101,8 @@ def test_full_graph_outputs_are_checked_against_their_own_map():
     probs = np.zeros((5, 7), np.float32)
     probs[1:3, 2:6] = 0.6  # above 0.5 (the change threshold), below 0.7 (the box threshold)
     probs[2, 4] = 0.9
+    probs[1, 2] = 0.7  # exactly at the box threshold: outside the box
+    probs[4, 0] = 0.5  # exactly at the change threshold: not a change
     prev = np.zeros_like(probs)
     inputs = {"thresholds": np.array([0.5, 0.7], np.float32), "prev_probs": prev}
     good = [probs, np.array([2, 2, 4, 4]), np.array([8])]
