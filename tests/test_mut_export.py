@@ -104,6 +104,7 @@ def test_full_graph_outputs_are_checked_against_their_own_map():
     probs[1, 2] = 0.7  # exactly at the box threshold: outside the box
     probs[4, 0] = 0.5  # exactly at the change threshold: not a change
     prev = np.zeros_like(probs)
+    prev[0, 0] = 0.5  # the previous map exactly at the change threshold too: not a change
     inputs = {"thresholds": np.array([0.5, 0.7], np.float32), "prev_probs": prev}
     good = [probs, np.array([2, 2, 4, 4]), np.array([8])]
     _check_full_outputs("g", good, inputs, None)
