@@ -5,6 +5,7 @@ never replaces the old one, and what cfr-export says it wrote."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import replace
 
@@ -117,7 +118,7 @@ def test_full_graph_outputs_are_checked_against_their_own_map():
         _check_full_outputs("g", [empty[0], np.array([0, 0, 0, 0]), np.array([0])], inputs, None)
 
 
-def test_verified_commit_moves_only_a_verified_graph(exported, tmp_path, monkeypatch):
+def test_verified_commit_moves_only_a_verified_graph(exported, tmp_path, monkeypatch, caplog):
     path, contract, graph = exported
     staged = copy_graph(path, (tmp_path / "stage").mkdir() or tmp_path / "stage")
     final = (tmp_path / "out").mkdir() or tmp_path / "out" / "model.onnx"
@@ -127,7 +128,11 @@ def test_verified_commit_moves_only_a_verified_graph(exported, tmp_path, monkeyp
         verified_commit(staged, final, graph, contract, seed=2)
     assert final.read_bytes() == b"the old model" and staged.is_file()
     monkeypatch.undo()
-    report = verified_commit(staged, final, graph, contract, seed=2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="export.verify"):  # the progress trail of a minutes-long export
+        report = verified_commit(staged, final, graph, contract, seed=2)
+    assert caplog.messages == ["model.onnx: verifying against torch", "model.onnx: ONNX Runtime session loaded",
+                               "model.onnx: committed"]
     assert final.read_bytes() == path.read_bytes() and not staged.exists()
     assert report.cases == 4 and report.max_abs_diff < TOLERANCE["fp32"]
 
