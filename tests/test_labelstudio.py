@@ -589,6 +589,10 @@ def test_prediction_region_label_and_score(api):
     mask, pred = answer_mask(client.post("/labelstudio/predict", json=predict_body(1, path, [kp], two)))
     region = pred["result"][0]
     assert region["value"]["brushlabels"] == ["Dog"] and re.fullmatch("[0-9a-f]{10}", region["id"]), region["id"]
+    assert {k: region[k] for k in ("type", "from_name", "to_name", "original_width", "original_height",
+                                   "image_rotation", "readonly")} == {
+        "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 163, "original_height": 121,
+        "image_rotation": 0, "readonly": False}
     assert mask.any() and 0.5 <= pred["score"] <= 1
     negative = pixel_keypoint(80, 60, False, size)
     mask, pred = answer_mask(client.post("/labelstudio/predict", json=predict_body(3, path, [negative])))
