@@ -198,3 +198,16 @@ def test_int8_rejected_keeps_the_old_file_and_no_staging(exported, tiny_checkpoi
     assert result.exit_code == 2 and "does not match torch" in result.output, result.output
     assert (tmp_path / "model_int8.onnx").read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_int8.onnx"]
+
+
+def test_fp16_export_reuses_the_fp32_model(tiny_checkpoint, tmp_path, monkeypatch):
+    """cfr-export --fp16 halves a copy of the fp32 export's model instead of loading the checkpoint again
+    (ViT-H: 2.6 GB per copy): the checkpoint is read once."""
+    import export.onnx_export as onnx_export
+
+    loads, load = [], onnx_export._load
+    monkeypatch.setattr(onnx_export, "_load", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model_fp16.onnx").is_file() and len(loads) == 1, loads
