@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,7 @@ from cfr_runtime.serve.labelstudio import (  # noqa: E402
     brush_module,
     brush_rle_to_mask,
     mask_to_brush_rle,
+    model_version,
     parse_schema,
     to_pixel,
 )
@@ -517,6 +519,84 @@ def test_request_errors(api):
     many = [pixel_keypoint(5 + i, 5, True, size, i) for i in range(25)]
     assert_error(post(many), 400, "at most 24")
     assert len(store) == 1
+
+
+def test_bodies_are_named_and_held_as_the_client(engine, fake, monkeypatch):
+    """Every route's refusal names its body exactly (the page shows it), and a body is held against the memory
+    cap as the client that sent it, as its session is."""
+    client, store = make_client(engine, monkeypatch, fake.url, client_identity="header")
+    held, hold = [], store.hold
+    monkeypatch.setattr(store, "hold", lambda nbytes, who: held.append(who) or hold(nbytes, who))
+    h = {"X-Client-Id": "annotator-7"}
+
+    def message(resp, status: int) -> str:
+        assert resp.status_code == status, resp.text
+        return resp.json()["message"]
+
+    with client:
+        for route, what in (("setup", "setup body"), ("webhook", "webhook body"), ("predict", "request body")):
+            url = f"/labelstudio/{route}"
+            assert message(client.post(url, content=b"{}", headers={**h, "Content-Type": "text/plain"}), 415
+                           ).startswith(f"the Label Studio {what} must be sent as Content-Type: application/json")
+            assert message(client.post(url, json=[1], headers=h), 400) == (
+                f"the Label Studio {what} must be a JSON object")
+            assert message(client.post(url, content=b"{", headers={**h, "Content-Type": "application/json"}), 400
+                           ).startswith(f"the Label Studio {what} is not JSON (")
+    assert held and set(held) == {"id:annotator-7"}
+
+
+def test_predict_body_shapes(api, engine):
+    """The request's shapes, each answered exactly: 'tasks' a list of objects, the context an object (under
+    params, or at the top level as older Label Studio versions send it), none at all a batch request."""
+    client, store, _ = api
+    path, size = "/data/upload/1/a.png", (163, 121)
+    kp = pixel_keypoint(80, 60, True, size)
+
+    def answer(body, status: int):
+        resp = client.post("/labelstudio/predict", json=body)
+        assert resp.status_code == status, resp.text
+        return resp.json()
+
+    for tasks in ({"id": 1}, None, [{"id": 1}, "x"]):
+        assert answer({**predict_body(1, path, [kp]), "tasks": tasks}, 400)["message"] == (
+            "'tasks' must be a list of Label Studio tasks")
+    body = predict_body(1, path, [kp])
+    body["params"]["context"] = [kp]
+    assert answer(body, 400)["message"] == "params.context must be an object with a 'result' list"
+    batch = {"results": [], "model_version": model_version(engine, "StdInfer")}
+    assert answer(predict_body(1, path, None), 200) == batch
+    top = predict_body(1, path, None)
+    del top["params"]
+    top["context"] = {"result": [kp]}
+    assert len(answer(top, 200)["results"][0]["result"]) == 1  # the context at the top level is read
+    cleared = {"results": [{"result": [], "score": 0.0, "model_version": batch["model_version"]}]}
+    no_result = predict_body(1, path, None)
+    no_result["params"]["context"] = {"selected": []}
+    assert answer(no_result, 200) == cleared  # a context without 'result': no keypoints, the mask cleared
+    assert answer(predict_body(1, path, []), 200) == cleared
+
+
+def test_prediction_region_label_and_score(api):
+    """The region's id (10 hex digits, Label Studio's own length), the brush label of the keypoint's own label
+    among several, and the score of an empty mask: 0, not the mean of nothing."""
+    client, _, _ = api
+    path, size = "/data/upload/1/a.png", (163, 121)
+    two = CONFIG.replace('<Label value="Object" background="red"/>', '<Label value="Cat"/><Label value="Dog"/>')
+    two = two.replace('<Label value="Object" smart="true" background="blue" showInline="true"/>',
+                      '<Label value="Cat" smart="true"/><Label value="Dog" smart="true"/>')
+    kp = pixel_keypoint(80, 60, True, size)
+    kp["value"]["keypointlabels"] = ["Dog"]
+    mask, pred = answer_mask(client.post("/labelstudio/predict", json=predict_body(1, path, [kp], two)))
+    region = pred["result"][0]
+    assert region["value"]["brushlabels"] == ["Dog"] and re.fullmatch("[0-9a-f]{10}", region["id"]), region["id"]
+    assert {k: region[k] for k in ("type", "from_name", "to_name", "original_width", "original_height",
+                                   "image_rotation", "readonly")} == {
+        "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 163, "original_height": 121,
+        "image_rotation": 0, "readonly": False}
+    assert mask.any() and 0.5 <= pred["score"] <= 1
+    negative = pixel_keypoint(80, 60, False, size)
+    mask, pred = answer_mask(client.post("/labelstudio/predict", json=predict_body(3, path, [negative])))
+    assert not mask.any() and pred["score"] == 0.0 and pred["result"][0]["score"] == 0.0
 
 
 # ---- small pieces --------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def test_clicks_in_label_studio_order():
     results = [kp(50, 25), kp(10.25, 99.9, False, from_name="click2"), kp(100, 0)]
     del results[2]["is_positive"]  # not sent: a positive keypoint
     del results[2]["to_name"]  # not sent: on the schema's image
+    del results[2]["image_rotation"]  # not sent: an image that was never rotated
     clicks, label, size = ls.clicks_from_context(results, SCHEMA)
     assert clicks == [Click(100.0, 25.0, True), Click(20.0, 99.0, False), Click(199.0, 0.0, True)]
     assert all(isinstance(c.x, float) for c in clicks)
@@ -92,6 +93,8 @@ def test_clicks_in_label_studio_order():
                                    "['click', 'click2']"),
     ({**kp(), "type": ""}, "context.result[0] is untyped from 'click'; expected keypointlabels from one of "
                            "['click', 'click2']"),
+    ({k: v for k, v in kp().items() if k != "type"}, "context.result[0] is untyped from 'click'; expected "
+                                                      "keypointlabels from one of ['click', 'click2']"),
     (kp(from_name="other"), "context.result[0] is keypointlabels from 'other'; expected keypointlabels from one of "
                             "['click', 'click2']"),
     (kp(to_name="other"), "context.result[0] is on 'other', not on the image 'image'"),
@@ -105,6 +108,7 @@ def test_clicks_in_label_studio_order():
                                "got 200 x None"),
     (kp(x=100.5), "context.result[0]: value.x and value.y must be percentages in [0, 100], got x=100.5, y=25.0"),
     (kp(y=-0.1), "context.result[0]: value.x and value.y must be percentages in [0, 100], got x=50.0, y=-0.1"),
+    (kp(y=100.5), "context.result[0]: value.x and value.y must be percentages in [0, 100], got x=50.0, y=100.5"),
     (kp(x=True), "context.result[0]: value.x and value.y must be percentages in [0, 100], got x=True, y=25.0"),
     (kp(positive=1), "context.result[0]: is_positive must be true or false, got 1"),
 ])
@@ -148,6 +152,7 @@ def test_model_version_mode_and_keys():
     assert refused(ls.json_object, b"", "Label Studio webhook body") == (
         400, "the Label Studio webhook body must be a JSON object")
     assert refused(ls.json_object, b"[1]", "X")[1] == "the X must be a JSON object"
+    assert refused(ls.json_object, b"{", "X")[1].startswith("the X is not JSON (")
 
 
 def test_task_image():
@@ -174,3 +179,18 @@ def test_brush_codec_on_a_real_object_mask():
     assert back.dtype == bool and np.array_equal(back, gt)
     assert refused(ls.brush_rle_to_mask, rle, w + 1, h) == (400, f"brush RLE holds {w * h * 4} values, expected "
                                                                  f"{w + 1}x{h}x4")
+
+
+def test_brush_codec_thresholds_alpha_and_takes_any_truthy_mask():
+    """Label Studio's brush RLE holds RGBA; a pixel is in the mask when its alpha is past half (128 and up), and
+    mask_to_brush_rle paints every truthy pixel at full alpha whatever the mask's dtype (0/255 bytes, 0/1 floats:
+    255 * 255 wraps to 1 in uint8, which would decode as background)."""
+    alpha = np.array([[0, 126, 127], [128, 129, 255]], np.uint8)
+    rle = ls.brush_module().mask2rle(alpha)  # each value in all four channels
+    assert ls.brush_rle_to_mask(rle, 3, 2).tolist() == [[False, False, False], [True, True, True]]
+    mask = np.zeros((4, 5), bool)
+    mask[1:3, 1:4] = True
+    want = ls.mask_to_brush_rle(mask)
+    for other in (mask.astype(np.uint8) * 255, mask.astype(np.float32), mask.astype(np.int64) * 7):
+        assert ls.mask_to_brush_rle(other) == want
+    assert np.array_equal(ls.brush_rle_to_mask(want, 5, 4), mask)

@@ -1,0 +1,213 @@
+"""export/verify.py and cfr-export's commit logic pinned where mutation testing found them loose (issue 21,
+round 3), on small real exports (the tiny checkpoint at 224: a second or two each): the verification's figures
+against an independent count, its tolerance edge, the cache key of the torch references, a rejected graph that
+never replaces the old one, and what cfr-export says it wrote."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cfr_runtime.contract import INPUT_NAMES, OUTPUT_PROBS
+from export import graph_file
+from export.cli import main as export_main
+from export.graph_file import copy_graph
+from export.onnx_export import ExportError, export_onnx, torch_reference, verification_cases
+from export.verify import (
+    TOLERANCE,
+    TorchReferences,
+    VerifyReport,
+    _check_full_outputs,
+    export_verified,
+    verified_commit,
+    verify_onnx,
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mx"), size=224, max_points=6)
+
+
+def recount(path, graph, contract, seed: int) -> tuple[float, float, int]:
+    """verify_onnx's figures, computed again here: worst |onnx - torch| and worst mask disagreement."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = disagree = 0.0
+    cases = verification_cases(contract, seed)
+    for inputs in cases:
+        want = torch_reference(graph, inputs).astype(np.float64)
+        got = sess.run([OUTPUT_PROBS], {k: inputs[k] for k in INPUT_NAMES})[0].astype(np.float64)
+        worst = max(worst, float(np.abs(got - want).max()))
+        disagree = max(disagree, float(((got > contract.threshold) != (want > contract.threshold)).mean()))
+    return worst, disagree, len(cases)
+
+
+def test_report_text():
+    assert str(VerifyReport(0.000123456, 0.0025, 4, 1e-4)) == (
+        "max |onnx - torch| = 0.000123 over 4 cases (tolerance 0.0001); mask agreement 99.7500% (worst case; "
+        "disagreement 0.2500%)")
+    assert str(VerifyReport(0.5, 0.0, 3, 0.02, batch_diff=0.0)).endswith(
+        "mask agreement 100.0000% (worst case; disagreement 0.0000%); batched vs one by one: max diff 0")
+
+
+def test_figures_match_an_independent_count_and_the_tolerance_edge(exported):
+    path, contract, graph = exported
+    report = verify_onnx(path, graph, contract, seed=11)
+    worst, disagree, cases = recount(path, graph, contract, 11)
+    assert report.max_abs_diff == pytest.approx(worst, abs=1e-12) and 0 < worst < TOLERANCE["fp32"]
+    assert (report.mask_disagreement, report.cases, report.tolerance) == (disagree, cases, TOLERANCE["fp32"])
+    assert report.batch_diff is None
+    verify_onnx(path, graph, contract, seed=11, tolerance=report.max_abs_diff)  # the edge itself passes
+    with pytest.raises(ExportError, match=r": exported graph does not match torch: max \|onnx - torch\|"):
+        verify_onnx(path, graph, contract, seed=11, tolerance=report.max_abs_diff / 2)
+    # against another function (the unflipped network), whose masks differ: the figures are still the real ones
+    # and a mask threshold inside the range of its probabilities, so that some pixels cross it
+    graph.flip = not graph.flip
+    try:
+        probs = torch_reference(graph, verification_cases(contract, 11)[2])
+        split = replace(contract, threshold=float(np.median(probs)))
+        wrong = verify_onnx(path, graph, split, seed=11, tolerance=1.0)
+        worst, disagree, _ = recount(path, graph, split, 11)
+        with pytest.raises(ExportError, match="does not match torch"):
+            verify_onnx(path, graph, split, seed=11)
+    finally:
+        graph.flip = not graph.flip
+    assert wrong.max_abs_diff == pytest.approx(worst, abs=1e-12) and worst > 1e-3
+    assert wrong.mask_disagreement == disagree > 0
+
+
+def test_torch_references_are_keyed_by_everything_that_changes_them(exported):
+    path, contract, graph = exported
+    refs = TorchReferences()
+    inputs = verification_cases(contract, 3)[0]
+    first = refs(graph, contract, 3, 0, inputs)
+    assert np.array_equal(first, torch_reference(graph, inputs))
+    assert refs(None, contract, 3, 0, inputs) is first  # cached: no torch model needed
+    others = [(4, 0, contract), (3, 1, contract), (3, 0, replace(contract, flip=not contract.flip)),
+              (3, 0, replace(contract, max_points=5)), (3, 0, replace(contract, input_size=448)),
+              (3, 0, replace(contract, graph="full"))]
+    for seed, case, other in others:
+        with pytest.raises(ExportError, match="no torch reference for verification case"):
+            refs(None, other, seed, case, inputs)
+
+
+def test_full_graph_outputs_are_checked_against_their_own_map():
+    probs = np.zeros((5, 7), np.float32)
+    probs[1:3, 2:6] = 0.6  # above 0.5 (the change threshold), below 0.7 (the box threshold)
+    probs[2, 4] = 0.9
+    probs[1, 2] = 0.7  # exactly at the box threshold: outside the box
+    probs[4, 0] = 0.5  # exactly at the change threshold: not a change
+    prev = np.zeros_like(probs)
+    prev[0, 0] = 0.5  # the previous map exactly at the change threshold too: not a change
+    inputs = {"thresholds": np.array([0.5, 0.7], np.float32), "prev_probs": prev}
+    good = [probs, np.array([2, 2, 4, 4]), np.array([8])]
+    _check_full_outputs("g", good, inputs, None)
+    for box, changed in (([1, 2, 2, 5], 8), ([2, 2, 4, 4], 1), ([2, 2, 4, 5], 8)):
+        with pytest.raises(ExportError, match=r"^g: full graph reports box"):
+            _check_full_outputs("g", [probs, np.array(box), np.array([changed])], inputs, None)
+    empty = [np.zeros_like(probs), np.array([1, 0, 1, 0]), np.array([0])]  # rmin > rmax: no box
+    _check_full_outputs("g", empty, inputs, None)
+    with pytest.raises(ExportError, match=r"reports box \(0, 0, 0, 0\) / changed 0, its own map gives None / 0"):
+        _check_full_outputs("g", [empty[0], np.array([0, 0, 0, 0]), np.array([0])], inputs, None)
+
+
+def test_verified_commit_moves_only_a_verified_graph(exported, tmp_path, monkeypatch, caplog):
+    path, contract, graph = exported
+    staged = copy_graph(path, (tmp_path / "stage").mkdir() or tmp_path / "stage")
+    final = (tmp_path / "out").mkdir() or tmp_path / "out" / "model.onnx"
+    final.write_bytes(b"the old model")
+    monkeypatch.setitem(TOLERANCE, "fp32", -1.0)
+    with pytest.raises(ExportError):
+        verified_commit(staged, final, graph, contract, seed=2)
+    assert final.read_bytes() == b"the old model" and staged.is_file()
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="export.verify"):  # the progress trail of a minutes-long export
+        report = verified_commit(staged, final, graph, contract, seed=2)
+    assert caplog.messages == ["model.onnx: verifying against torch", "model.onnx: ONNX Runtime session loaded",
+                               "model.onnx: committed"]
+    assert final.read_bytes() == path.read_bytes() and not staged.exists()
+    assert report.cases == 4 and report.max_abs_diff < TOLERANCE["fp32"]
+
+
+def test_export_verified_says_what_was_kept(tiny_checkpoint, tmp_path, monkeypatch):
+    path, contract, graph, report = export_verified(tiny_checkpoint, tmp_path / "ok", 224, 6, True, seed=1)
+    assert path == tmp_path / "ok" / "model.onnx" and path.is_file()
+    assert (contract.input_size, contract.max_points) == (224, 6)
+    assert report.cases == 4 and report.max_abs_diff < TOLERANCE["fp32"] and report.tolerance == TOLERANCE["fp32"]
+    monkeypatch.setitem(TOLERANCE, "fp32", -1.0)
+    with pytest.raises(ExportError) as info:
+        export_verified(tiny_checkpoint, tmp_path / "new", 224, 6, True, seed=1)
+    assert str(info.value).startswith("model.onnx not written: export: exported graph does not match torch: max |")
+    old = path.read_bytes()
+    with pytest.raises(ExportError) as info:
+        export_verified(tiny_checkpoint, tmp_path / "ok", 224, 6, True, seed=1)
+    assert str(info.value).startswith("model.onnx not written (the existing one was kept): export: exported graph "
+                                      "does not match torch")
+    assert ".partial" not in str(info.value) and path.read_bytes() == old
+
+
+REPORT = r"max \|onnx - torch\| = \S+ over 4 cases \(tolerance {}\); mask agreement"
+
+
+def test_cli_says_what_it_wrote(tiny_checkpoint, tmp_path, monkeypatch):
+    """Each artifact's line names its file, its data file and size when it has one, and its own verification."""
+    monkeypatch.setattr(graph_file, "EXTERNAL_DATA_THRESHOLD", 64 * 1024)
+    out = tmp_path / "big"
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(out), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--fp16", "--int8"])
+    assert result.exit_code == 0, result.output
+    note, *lines = result.output.splitlines()
+    assert note == ("note: the checkpoint was trained at 448 px; exported at --size 224 (position embedding resized: "
+                    "different results and 0.25x the work per forward)")
+    assert len(lines) == 6, result.output
+    for i, (name, precision, tol) in enumerate((("model.onnx", "fp32", "0.0001"), ("model_fp16.onnx", "fp16", "0.02"),
+                                                ("model_int8.onnx", "int8", "0.05"))):
+        size = (out / f"{name}.data").stat().st_size / 1e9
+        assert lines[2 * i] == f"wrote {out / name} (+ {name}.data, {size:.2f} GB)"
+        assert re.fullmatch(rf"  {precision}: {REPORT.format(tol)}.*", lines[2 * i + 1]), lines[2 * i + 1]
+    monkeypatch.undo()
+    single = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path / "s"), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--int8"])
+    assert single.exit_code == 0, single.output
+    assert single.output.splitlines()[1::2] == [f"wrote {tmp_path / 's' / 'model.onnx'}",
+                                               f"wrote {tmp_path / 's' / 'model_int8.onnx'}"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["model.onnx", "model_int8.onnx"]
+
+
+def test_cli_notes_nothing_at_the_trained_size(tiny_checkpoint, tmp_path):
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--max-points", "6"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == f"wrote {tmp_path / 'model.onnx'}"
+
+
+def test_int8_rejected_keeps_the_old_file_and_no_staging(exported, tiny_checkpoint, tmp_path, monkeypatch):
+    args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "3",
+            "--int8"]
+    assert CliRunner().invoke(export_main, args).exit_code == 0
+    old = (tmp_path / "model_int8.onnx").read_bytes()
+    monkeypatch.setitem(TOLERANCE, "int8", -1.0)
+    result = CliRunner().invoke(export_main, [*args, "--overwrite", "--no-flip"])
+    assert result.exit_code == 2 and "does not match torch" in result.output, result.output
+    assert (tmp_path / "model_int8.onnx").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_int8.onnx"]
+
+
+def test_fp16_export_reuses_the_fp32_model(tiny_checkpoint, tmp_path, monkeypatch):
+    """cfr-export --fp16 halves a copy of the fp32 export's model instead of loading the checkpoint again
+    (ViT-H: 2.6 GB per copy): the checkpoint is read once."""
+    import export.onnx_export as onnx_export
+
+    loads, load = [], onnx_export._load
+    monkeypatch.setattr(onnx_export, "_load", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model_fp16.onnx").is_file() and len(loads) == 1, loads
