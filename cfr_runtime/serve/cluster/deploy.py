@@ -32,7 +32,7 @@ from ..app import ServeConfig
 from ..codec import UploadLimits
 from ..store import StoreLimits
 from .asgi import HttpRequest, HttpResponse
-from .records import RecordBook
+from .records import LocalRecords, RecordBook
 
 log = logging.getLogger("cfr_runtime.serve.cluster")
 
@@ -81,12 +81,13 @@ def max_request_bytes(upload: UploadLimits) -> int:
 
 
 # ---- the record store ---------------------------------------------------------------------------------------
-class RecordStoreActor:
+class RecordStoreActor(LocalRecords):
     """A `RecordBook` behind a Ray actor (async: one event loop, so the book needs no lock), sweeping expired
-    records on its own clock."""
+    records on its own clock. The calls are `LocalRecords`' (one interface for a replica, in process or on a
+    cluster); the actor adds only the sweeper, started by the first call that runs on its event loop."""
 
     def __init__(self, limits: StoreLimits, sweep_interval_s: float):
-        self.book = RecordBook(limits)
+        super().__init__(RecordBook(limits))
         self.sweep_interval_s = sweep_interval_s
         self._sweeper: asyncio.Task | None = None
 
@@ -101,26 +102,11 @@ class RecordStoreActor:
 
     async def create(self, sid, data, state, op_id, nbytes, client):
         self._ensure_sweeper()
-        return self.book.create(sid, data, state, op_id, nbytes, client)
-
-    async def head(self, sid):
-        return self.book.head(sid)
-
-    async def fetch(self, sid):
-        return self.book.fetch(sid)
-
-    async def commit(self, sid, expected, state, op_id, nbytes):
-        return self.book.commit(sid, expected, state, op_id, nbytes)
-
-    async def delete(self, sid):
-        return self.book.delete(sid)
-
-    async def live(self, sids):
-        return self.book.live(sids)
+        return await super().create(sid, data, state, op_id, nbytes, client)
 
     async def stats(self):
         self._ensure_sweeper()
-        return self.book.stats()
+        return await super().stats()
 
 
 def record_store(options: ClusterOptions, limits: StoreLimits, sweep_interval_s: float):
