@@ -194,3 +194,109 @@ def test_brush_codec_thresholds_alpha_and_takes_any_truthy_mask():
     for other in (mask.astype(np.uint8) * 255, mask.astype(np.float32), mask.astype(np.int64) * 7):
         assert ls.mask_to_brush_rle(other) == want
     assert np.array_equal(ls.brush_rle_to_mask(want, 5, 4), mask)
+
+
+# ---- the routes' answers (round 4: the survivors of add_labelstudio_routes) ------------------------------------
+# Against the fake Label Studio of tests/test_labelstudio.py (imported in a fixture: that module skips itself when
+# httpx is missing, which must not skip the unit tests above).
+@pytest.fixture(scope="module")
+def tl():
+    from tests import test_labelstudio
+
+    return test_labelstudio
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from cfr_runtime import Engine, default_model
+
+    return Engine(default_model())
+
+
+@pytest.fixture()
+def fake(tl):
+    with tl.FakeLS({"/data/upload/1/a.png": tl.png(tl.blob_scene(3, 121, 163)[0])}) as server:
+        yield server
+
+
+@pytest.fixture()
+def api(tl, engine, fake, monkeypatch):
+    client, store = tl.make_client(engine, monkeypatch, fake.url)
+    with client:
+        yield client, store
+
+
+ROUTES = {"/health": "get", "/setup": "post", "/predict": "post", "/versions": "get", "/webhook": "post"}
+TAG = "Label Studio ML backend"
+
+
+def test_health_answers_in_full(api, engine, fake):
+    """Label Studio's 'Validate and save' shows the health answer; the mode's own model version is in it."""
+    client, _ = api
+    for url, mode in (("/labelstudio/health", "StdInfer"), ("/labelstudio/CFR-2/health", "CFR-2"),
+                      ("/labelstudio/", "StdInfer")):
+        r = client.get(url)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"status": "UP", "model_class": "cfr-icl", "model_version": ls.model_version(engine, mode),
+                            "label_studio_url": fake.url}, url
+    assert ls.model_version(engine, "CFR-2").endswith("-CFR-2")
+
+
+def test_prediction_reports_clicks_forwards_area_and_server_time(api, tl, monkeypatch):
+    """The answer's `cfr` block (what a client logs per click): the clicks read, the forwards they cost, the mask's
+    area and the server's time in ms to the microsecond, from the clock read at the request's start and end."""
+    client, _ = api
+    ticks = [100.0, 100.0123456]  # 12.3456 ms between the request's arrival and its rendered answer
+    monkeypatch.setattr(ls, "time", SimpleNamespace(perf_counter=lambda: ticks.pop(0)))
+    size = (163, 121)
+    results = [tl.pixel_keypoint(80, 60, True, size), tl.pixel_keypoint(10, 10, False, size, 1)]
+    mask, pred = tl.answer_mask(client.post("/labelstudio/predict", json=tl.predict_body(1, "/data/upload/1/a.png",
+                                                                                         results)))
+    assert ticks == []  # read twice: at the start and at the end
+    assert mask.any()
+    assert pred["cfr"] == {"clicks": 2, "forwards": 2, "area": int(mask.sum()), "server_ms": 12.346}
+    assert isinstance(pred["cfr"]["server_ms"], float)
+
+
+def test_webhook_answers_in_full_and_forgets_only_integer_task_ids(api, tl):
+    """Label Studio logs the webhook's answer; an event is acknowledged whatever it is, and forgets a task's
+    sessions only by its integer id (a string "7", a bool, a missing id name no task)."""
+    client, store = api
+    body = tl.predict_body(7, "/data/upload/1/a.png", [tl.pixel_keypoint(80, 60, True, (163, 121))])
+    assert client.post("/labelstudio/predict", json=body).status_code == 200
+    r = client.post("/labelstudio/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})
+    assert r.status_code == 200 and r.json() == {"status": "ok", "action": "PROJECT_UPDATED", "dropped": 0}
+    for task in ({"id": "7"}, {"id": True}, {"id": None}, {}):
+        r = client.post("/labelstudio/webhook", json={"action": "ANNOTATION_CREATED", "task": task})
+        assert r.status_code == 200 and r.json() == {"status": "ok", "action": "ANNOTATION_CREATED", "dropped": 0}
+        assert len(store) == 1, task
+    r = client.post("/labelstudio/webhook", json={"action": "ANNOTATION_CREATED", "task": {"id": 7}})
+    assert r.json() == {"status": "ok", "action": "ANNOTATION_CREATED", "dropped": 1} and len(store) == 0
+
+
+@pytest.mark.parametrize("route", ["setup", "webhook"])
+def test_setup_and_webhook_count_against_the_clients_in_flight_limit(tl, engine, fake, monkeypatch, route):
+    """/setup and /webhook are counted against the client that sent them, as /predict is: 429 at its limit."""
+    client, _ = tl.make_client(engine, monkeypatch, fake.url, client_max_inflight=1)
+    body = {"schema": tl.CONFIG} if route == "setup" else {"action": "PROJECT_UPDATED"}
+    with client:
+        with client.app.state.work.admitted("testclient"):  # TestClient's peer: one request of its own in flight
+            r = client.post(f"/labelstudio/{route}", json=body)
+            assert r.status_code == 429, r.text
+            assert "this client already has 1 requests in progress" in r.json()["message"]
+        assert client.post(f"/labelstudio/{route}", json=body).status_code == 200
+
+
+def test_routes_are_listed_together_in_the_api_docs(api):
+    """/docs (the OpenAPI schema) groups the ML backend's routes under one tag, each with its one method, both
+    under /labelstudio and /labelstudio/{mode}; the bare /labelstudio/ alias of health is not listed."""
+    client, _ = api
+    paths = client.get("/openapi.json").json()["paths"]
+    for base in ("/labelstudio", "/labelstudio/{mode}"):
+        for route, method in ROUTES.items():
+            ops = paths[base + route]
+            assert list(ops) == [method], (base, route)
+            assert ops[method]["tags"] == [TAG], (base, route)
+    assert "/labelstudio/" not in paths
+    assert sorted(p for p in paths if p.startswith("/labelstudio")) == sorted(
+        base + route for base in ("/labelstudio", "/labelstudio/{mode}") for route in ROUTES)
