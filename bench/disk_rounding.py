@@ -26,9 +26,7 @@ and existing files there are not replaced without --overwrite):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import start_record, write_results  # noqa: E402
 from cfr_runtime.disks import (  # noqa: E402
     click_disk_rows,
     fill_disk_rows,
@@ -265,17 +264,6 @@ def model_cost(old_model: Path, repeats: int) -> dict:
     return out
 
 
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=20_000)
@@ -297,9 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = [out_dir / "disk_rounding.json", out_dir / "disk_rounding.md"]
     if not args.overwrite and any(p.exists() for p in targets):
         ap.error(f"{out_dir} already has disk_rounding.json/.md; pass --overwrite to replace them")
-    result = {"command": " ".join(["python", *sys.argv]), "machine": cpu_name(),
-              "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
-              "rounding": rounding(args.samples, args.size, args.max_side, args.seed)}
+    result = {**start_record(), "rounding": rounding(args.samples, args.size, args.max_side, args.seed)}
     if args.official:
         result["official"] = official_check(args.official, args.official_maps, args.size, args.seed)
     if not args.no_cost:
@@ -309,10 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.old_model:
             result["model_cost"] = model_cost(args.old_model, args.repeats)
     result["load_average_end"] = list(os.getloadavg())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets[0].write_text(json.dumps(result, indent=1))
-    targets[1].write_text(render_md(result))
-    print(f"\nwrote {targets[0]} and {targets[1]}")
+    write_results(out_dir / "disk_rounding", result, render_md(result), show=False)
     return result
 
 

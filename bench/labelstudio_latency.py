@@ -24,7 +24,6 @@ bench/results/labelstudio/), never over existing files without --overwrite.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import command_line, write_results  # noqa: E402
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     command,
@@ -187,7 +187,7 @@ def run(args) -> dict:
         "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         "niceness": os.nice(0),  # the bench and the servers it starts (they inherit it)
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
     }
 
 
@@ -242,12 +242,7 @@ def main(model, model_alias, dataset, limit, clicks, out, overwrite, force) -> N
     if args.model is not None:
         args.model = str(args.model)
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem.name}.md")
+    write_results(stem, result, markdown(result))
     if result["wrong_masks"]:
         sys.exit(1)
 

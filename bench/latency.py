@@ -17,7 +17,6 @@ in bench/results/ change only on purpose. p99 is reported from 100 samples up.
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import shlex
 import sys
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_backends import CUDA_ENGINES, available, cuda_engine, forward_flops, matrix_rate_tflops  # noqa: E402
-from bench.machine import describe, machine  # noqa: E402
+from bench.machine import describe, machine, write_results  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     checkpoint_argument,
     command,
@@ -370,10 +369,7 @@ def run(args) -> dict:
         meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     table = render(rows, meta)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / f"{stem}.md").write_text(table + "\n")
-    print(f"wrote {args.out / stem}.json and .md")
+    write_results(args.out / stem, {"meta": meta, "rows": rows}, table + "\n", show=False)
     return {"meta": meta, "rows": rows}
 
 

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.latency import _ms, pct  # noqa: E402  (p99 is None below 100 samples)
+from bench.machine import write_results  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     CHECKPOINT,
     checkpoint_problem,
@@ -187,11 +188,9 @@ def write(table: list[dict], meta: dict, out: Path, overwrite: bool) -> dict:
         refuse_existing(targets, "pass --overwrite to replace it, or choose another --out")
     text = render(table, meta)
     print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    targets[0].write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
-    targets[1].write_text(text + "\n")
+    write_results(out / stem, {"meta": meta, "rows": table}, text + "\n", show=False)
     plot(table, meta, targets[2])
-    print(f"wrote {out / stem}.json, .md and .png")
+    print(f"wrote {targets[2]}")
     return {"meta": meta, "rows": table}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import start_record, write_results  # noqa: E402
+
 MODE_FLAGS = {"plain": [], "CFR-4": ["--cfr", "4"], "A-CFR-4": ["--cfr", "4", "--acfr"]}
 THRESHOLDS = ("85", "90", "95")
 
@@ -69,17 +72,6 @@ def run_cfr_eval(model: Path, dataset: Path, mode: str, out: Path, reuse: bool =
     return json.loads(out.read_text())
 
 
-def cpu_name() -> str:
-    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official-dir", type=Path, required=True)
@@ -107,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             subprocess.run(["cfr-export", str(args.checkpoint), "-o", str(work / "full"), "--graph", "full"],
                            check=True, stdout=subprocess.DEVNULL)
         models["full"] = work / "full" / "model_full.onnx"
-    result = {"command": " ".join(["python", *sys.argv]), "machine": cpu_name(),
-              "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg()),
-              "models": {k: str(v) for k, v in models.items()}, "runs": []}
+    result = {**start_record(), "models": {k: str(v) for k, v in models.items()}, "runs": []}
     for ds in args.datasets.split(","):
         for mode in args.modes.split(","):
             official = json.loads((args.official_dir / f"{ds}_{mode}.json").read_text())
@@ -123,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{ds} {mode} {graph}: {row['identical']}/{row['instances']} identical click sequences; NoC "
                       f"official {row['noc_official']} ours {row['noc_ours']}", flush=True)
     result["load_average_end"] = list(os.getloadavg())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets[0].write_text(json.dumps(result, indent=1))
-    targets[1].write_text(render_md(result))
-    print(f"wrote {targets[0]} and {targets[1]}")
+    write_results(out_dir / "parity", result, render_md(result), show=False)
     return result
 
 

@@ -28,7 +28,6 @@ the end, and the command.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -41,11 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_load import ROUND, Server, click_plan, drive, pct  # noqa: E402
-
-from bench.machine import describe, machine  # noqa: E402
+from bench.machine import command_line, describe, machine, write_results  # noqa: E402
+from bench.serve_load import ROUND, Server, click_plan, drive, pct  # noqa: E402
 from cfr_runtime import Engine, default_model  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     POSITIVE_FLOAT,
@@ -346,7 +343,7 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
     started = machine()
     result = {"machine": f"{platform.machine()}, {started['cpu']}, {started['cores']} usable cores",
               "python": platform.python_version(), "load_average": {"start": started},
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+              "command": command_line()}
     need = max(batch_size, 1 if skip_curve else sizes[-1])
     print("model ...", file=sys.stderr)
     path, made = batch_axis_model(model, need, Path(tempfile.mkdtemp(prefix="serve_cluster_")))
@@ -441,12 +438,7 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
         finally:
             cluster.stop()
     result["load_average"]["end"] = machine()
-    out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem.name}.md")
+    write_results(stem, result, markdown(result))
     bad = sum(result[k]["errors"] for k in ("plain_load", "plain_load_1_thread") if k in result) + sum(
         r["errors"] for r in result.get("ray_load", []))
     if bad:

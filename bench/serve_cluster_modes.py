@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe, machine  # noqa: E402
+from bench.machine import command_line, describe, machine, write_results  # noqa: E402
 from cfr_runtime import default_model  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     POSITIVE_INT,
@@ -99,7 +99,7 @@ def main(model: Path | None, dataset: Path, rounds: int, single_clicks: int, pau
             runs.append(one_round(mode, model, dataset, single_clicks, work))
     result = {"machine": f"{platform.machine()}, {started['cpu']}, {started['cores']} usable cores",
               "python": platform.python_version(), "load_average": {"start": started, "end": machine()},
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "runs": runs,
+              "command": command_line(), "runs": runs,
               "modes": {}}
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
@@ -110,12 +110,7 @@ def main(model: Path | None, dataset: Path, rounds: int, single_clicks: int, pau
                                  "serve_env": mine[0]["serve_env"]}
     m = result["modes"]
     result["ratio_default_over_fast"] = round(m["default"]["median_ms"] / m["fast"]["median_ms"], 2)
-    out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem.name}.md")
+    write_results(stem, result, markdown(result))
 
 
 def markdown(r: dict) -> str:

@@ -17,7 +17,6 @@ Writes serve_load_<tag>.json/.md under --out (default out/bench/; existing files
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -34,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe, machine  # noqa: E402
+from bench.machine import command_line, describe, machine, write_results  # noqa: E402
 from cfr_runtime import Engine, Session, default_model  # noqa: E402
 from cfr_runtime.cli_options import (  # noqa: E402
     command,
@@ -302,14 +301,9 @@ def main(model, model_alias, dataset, clients, clicks, overhead_images, overhead
         "memory": {"baseline_rss_mb": round(baseline, 1), "after_load_rss_mb": round(after_load, 1),
                    "after_expiry_rss_mb": round(after, 1), "after_expiry_vs_baseline": round(after / baseline, 3),
                    "sessions_after_expiry": expired["sessions"], "evicted": expired["evicted"]},
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem.name}.md")
+    write_results(stem, result, markdown(result))
     if loaded["errors"]:
         sys.exit(1)
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +99,15 @@ def default_engines(default_onnx, tmp_path_factory) -> dict:
     return {"square": Engine(default_onnx), "full": Engine(exported_model("default224_full", tmp_path_factory))}
 
 
+@pytest.fixture(scope="module")
+def engine():
+    """An Engine on the bundled default model, one per test module (the serve, cluster and adapter tests); a
+    module that needs another model defines its own `engine`, which takes precedence."""
+    from cfr_runtime import Engine, default_model
+
+    return Engine(default_model())
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_onnx):
     from cfr_runtime import Engine
@@ -114,3 +126,37 @@ def blob_scene(seed: int = 0, h: int = 120, w: int = 160) -> tuple[np.ndarray, n
     img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
     img[gt == 1] = np.clip(img[gt == 1] + np.array([160, 90, 40]), 0, 255).astype(np.uint8)
     return img, gt
+
+
+def blob_dataset(root: Path, n: int = 4, h: int = 90, w: int = 120) -> Path:
+    """A GrabCut-layout dataset (images/*.png, masks/*.png) of `n` blob scenes (seeds 0..n-1) under `root`,
+    which must not exist yet: for the cfr-eval tests that need files on disk."""
+    import cv2
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        img, gt = blob_scene(i, h, w)
+        assert cv2.imwrite(str(root / "images" / f"{i}.png"), img[..., ::-1])
+        assert cv2.imwrite(str(root / "masks" / f"{i}.png"), (gt * 255).astype(np.uint8))
+    return root
+
+
+# Prepended by run_without_torch: from then on an import of torch, trainer or export (or of anything under them)
+# raises ImportError, as it would where they are not installed.
+_BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'trainer', 'export'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_torch(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the Python source `code` (dedented here) in a fresh interpreter in the repository root in which torch,
+    trainer and export cannot be imported: the runtime's promise that it needs none of them. `sys` is already
+    imported there. Returns the finished process (text stdout/stderr) for the caller's asserts."""
+    return subprocess.run([sys.executable, "-c", _BLOCK_TORCH + textwrap.dedent(code)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)

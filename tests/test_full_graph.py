@@ -14,7 +14,7 @@ from cfr_runtime.clicker import Clicker
 from cfr_runtime.contract import META_KEY
 from cfr_runtime.metrics import iou
 from cfr_runtime.zoom import mask_box
-from tests.conftest import blob_scene
+from tests.conftest import blob_scene, run_without_torch
 
 SIZE = 224  # the official tiny_d8_s1 checkpoint at 224: the same code paths as 448, a quarter of the CPU
 
@@ -217,19 +217,7 @@ def test_full_graph_follows_official_loop(engines, reference_dir, data_dir):
 
 def test_full_graph_runtime_imports_no_torch(engines):
     """A Session on a full-graph engine runs in a process where importing torch (or trainer/export) fails."""
-    import subprocess
-    import sys
-    import textwrap
-
-    from tests.conftest import ROOT
-
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('torch', 'trainer', 'export'):
-                    raise ImportError('blocked: ' + name)
-        sys.meta_path.insert(0, Block())
+    out = run_without_torch(f"""
         import numpy as np
         from cfr_runtime import Engine, Session
         s = Session(Engine({str(engines["full_path"])!r}), cfr=2, adaptive=True)
@@ -239,5 +227,4 @@ def test_full_graph_runtime_imports_no_torch(engines):
         assert m.shape == (50, 70) and s.roi is None
         print('ok')
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr

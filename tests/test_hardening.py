@@ -18,7 +18,7 @@ from cfr_runtime.cli_eval import main as eval_main
 from cfr_runtime.contract import META_KEY, Contract
 from cfr_runtime.engine import alloc_buffers
 from export.cli import main as export_main
-from tests.conftest import blob_scene
+from tests.conftest import blob_dataset, blob_scene
 from trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
 from trainer.default_model import default_checkpoint
 from trainer.models import arch_config, build_model
@@ -236,16 +236,6 @@ def test_click_sign_accepts_bools_and_0_1(tiny_engine):
 
 # ---- cfr-eval ---------------------------------------------------------------------------------------------
 
-def _dataset(root: Path, n: int = 4) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        img, gt = blob_scene(i, 90, 120)
-        assert cv2.imwrite(str(root / "images" / f"{i}.png"), img[..., ::-1])
-        assert cv2.imwrite(str(root / "masks" / f"{i}.png"), (gt * 255).astype(np.uint8))
-    return root
-
-
 @pytest.mark.parametrize("args,match", [
     (["--max-clicks", "0"], "--max-clicks"), (["--max-clicks", "-1"], "--max-clicks"),
     (["--target-iou", "1.5"], "--target-iou"), (["--target-iou", "-1"], "--target-iou"),
@@ -254,20 +244,20 @@ def _dataset(root: Path, n: int = 4) -> Path:
     (["--resume"], "--json"), (["--max-clicks", "30"], "click capacity"), (["--json", "r.jsonl"], "journal"),
 ])
 def test_eval_argument_ranges(tiny_onnx, tmp_path, args, match):
-    data = _dataset(tmp_path / "ds", 1)
+    data = blob_dataset(tmp_path / "ds", 1)
     result = CliRunner().invoke(eval_main, [str(tiny_onnx), "--dataset", str(data), *args])
     assert result.exit_code == 2 and match in result.output, result.output
     assert "NoC@85" not in result.output
 
 
 def test_eval_checkpoint_points_to_export(tmp_path):
-    data = _dataset(tmp_path / "ds", 1)
+    data = blob_dataset(tmp_path / "ds", 1)
     result = CliRunner().invoke(eval_main, [str(default_checkpoint()), "--dataset", str(data)])
     assert result.exit_code == 2 and "cfr-export" in result.output, result.output
 
 
 def test_eval_empty_dataset(tiny_onnx, tmp_path):
-    data = _dataset(tmp_path / "ds", 0)
+    data = blob_dataset(tmp_path / "ds", 0)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [str(tiny_onnx), "--dataset", str(data), "--json", str(out)])
     assert result.exit_code == 2 and "no instances" in result.output, result.output
@@ -277,7 +267,7 @@ def test_eval_empty_dataset(tiny_onnx, tmp_path):
 def test_eval_keeps_finished_work_and_resumes(tiny_onnx, tmp_path):
     """An unreadable image stops the run (exit 2) with the finished instances saved; --resume completes it,
     with the same results as an uninterrupted run."""
-    data = _dataset(tmp_path / "ds")
+    data = blob_dataset(tmp_path / "ds")
     good = (data / "images" / "2.png").read_bytes()
     (data / "images" / "2.png").write_bytes(b"not an image")
     out = tmp_path / "r" / "r.json"
@@ -304,7 +294,7 @@ def test_eval_keeps_finished_work_and_resumes(tiny_onnx, tmp_path):
 
 
 def test_eval_resume_refuses_other_settings(tiny_onnx, tmp_path):
-    data = _dataset(tmp_path / "ds", 1)
+    data = blob_dataset(tmp_path / "ds", 1)
     out = tmp_path / "r.json"
     base = [str(tiny_onnx), "--dataset", str(data), "--json", str(out)]
     assert CliRunner().invoke(eval_main, [*base, "--max-clicks", "2"]).exit_code == 0
@@ -324,7 +314,7 @@ def test_eval_ctrl_c_keeps_work(tiny_onnx, tmp_path, monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(ev, "evaluate_instance", interrupted)
-    data = _dataset(tmp_path / "ds")
+    data = blob_dataset(tmp_path / "ds")
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [str(tiny_onnx), "--dataset", str(data), "--max-clicks", "2",
                                             "--json", str(out)])
@@ -346,7 +336,7 @@ def test_truncated_jpeg_is_refused(tmp_path):
 
 def test_eval_json_is_strict(tiny_onnx, tmp_path):
     """The summary parses with a strict JSON reader (no bare NaN) and the table header names --max-clicks."""
-    data = _dataset(tmp_path / "ds", 2)
+    data = blob_dataset(tmp_path / "ds", 2)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [str(tiny_onnx), "--dataset", str(data), "--max-clicks", "3",
                                             "--json", str(out)])

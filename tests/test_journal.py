@@ -20,21 +20,11 @@ from cfr_runtime.cli_eval import _Journal
 from cfr_runtime.cli_eval import main as eval_main
 from cfr_runtime.errors import CfrError
 from cfr_runtime.evaluate import InstanceResult
-from tests.conftest import blob_scene
+from tests.conftest import blob_dataset, blob_scene
 
 N = 4
 TORN = '{"id": "2", "ious": [0.1'
 EVALUATE_INSTANCE = ev.evaluate_instance
-
-
-def _dataset(root: Path, n: int = N) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        img, gt = blob_scene(i, 90, 120)
-        assert cv2.imwrite(str(root / "images" / f"{i}.png"), img[..., ::-1])
-        assert cv2.imwrite(str(root / "masks" / f"{i}.png"), (gt * 255).astype(np.uint8))
-    return root
 
 
 class _Spy:
@@ -56,7 +46,7 @@ class _Spy:
 
 @pytest.fixture
 def run(default_onnx, tmp_path):
-    data = _dataset(tmp_path / "ds")
+    data = blob_dataset(tmp_path / "ds", N)
     out = tmp_path / "runs" / "r" / "r.json"  # two folders that do not exist yet
 
     def invoke(*extra, model=default_onnx):
@@ -145,7 +135,7 @@ def test_nothing_finished_nothing_announced(run, monkeypatch):
 
 
 def test_journal_that_cannot_be_written_is_a_clean_error(default_onnx, tmp_path):
-    data = _dataset(tmp_path / "ds", 1)
+    data = blob_dataset(tmp_path / "ds", 1)
     (tmp_path / "file").write_text("x")
     args = [str(default_onnx), "--dataset", str(data), "--max-clicks", "1", "--json"]
     under_file = CliRunner().invoke(eval_main, [*args, str(tmp_path / "file" / "r.json")])
@@ -216,14 +206,14 @@ def test_journal_header_records_every_setting(default_onnx, tmp_path):
 @pytest.mark.parametrize("args,mode", [([], "StdInfer"), (["--cfr", "1"], "CFR-1"), (["--cfr", "1", "--acfr"],
                                                                                       "A-CFR-1")])
 def test_mode_name_without_a_journal(default_onnx, tmp_path, args, mode):
-    data = _dataset(tmp_path / "ds", 1)
+    data = blob_dataset(tmp_path / "ds", 1)
     result = CliRunner().invoke(eval_main, [str(default_onnx), "--dataset", str(data), "--max-clicks", "1", *args])
     assert result.exit_code == 0 and f"mode={mode}  instances=1" in result.output, result.output
     assert not list(tmp_path.rglob("*.jsonl"))
 
 
 def test_target_iou_stops_each_instance(default_onnx, tmp_path):
-    data = _dataset(tmp_path / "ds", 2)
+    data = blob_dataset(tmp_path / "ds", 2)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [str(default_onnx), "--dataset", str(data), "--max-clicks", "3",
                                             "--target-iou", "0.01", "--json", str(out)])
@@ -233,7 +223,7 @@ def test_target_iou_stops_each_instance(default_onnx, tmp_path):
 
 def test_backend_option_reaches_the_engine(default_onnx, tmp_path):
     """--backend trt on an ONNX file is refused (no TensorRT here, or not a plan), never run on ONNX Runtime."""
-    data = _dataset(tmp_path / "ds", 1)
+    data = blob_dataset(tmp_path / "ds", 1)
     result = CliRunner().invoke(eval_main, [str(default_onnx), "--dataset", str(data), "--max-clicks", "1",
                                             "--backend", "trt"])
     assert result.exit_code == 2 and "cfr-eval: error:" in result.output and "NoC@85" not in result.output

@@ -11,7 +11,7 @@ from tests.conftest import blob_scene
 pytest.importorskip("fastapi", reason="fastapi is not installed (pip install -e '.[serve]')")
 pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[dev]')")
 
-from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime import Session  # noqa: E402
 from cfr_runtime.serve import ServeConfig, StoreLimits, UploadLimits  # noqa: E402
 from cfr_runtime.serve.cluster.batching import batching  # noqa: E402
 from cfr_runtime.serve.cluster.record import RecordedClick, SessionState  # noqa: E402
@@ -20,19 +20,7 @@ from cfr_runtime.serve.cluster.routing import make_session_id, owner_order, tag_
 from cfr_runtime.serve.codec import EncodedImage, decode_upload, rle_to_mask  # noqa: E402
 from cfr_runtime.serve.store import SessionStore  # noqa: E402
 from tests.ray_util import GroupBatcher, InProcessCluster, encode_png  # noqa: E402
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(default_model())
+from tests.serve_fixtures import FakeClock  # noqa: E402
 
 
 @pytest.fixture(scope="module")

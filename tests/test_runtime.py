@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import onnx
 import pytest
@@ -13,7 +9,7 @@ import pytest
 from cfr_runtime import ContractError, Engine, Session
 from cfr_runtime.clicker import Clicker
 from cfr_runtime.metrics import iou
-from tests.conftest import ROOT, blob_scene
+from tests.conftest import blob_scene, run_without_torch
 
 
 def _run_clicks(session, image, gt, n=20):
@@ -178,13 +174,7 @@ def test_engine_refuses_files_without_contract(tmp_path, tiny_onnx):
 
 def test_runtime_imports_no_torch(tiny_onnx):
     """A Session runs in a process where importing torch (or trainer/export) fails."""
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('torch', 'trainer', 'export'):
-                    raise ImportError('blocked: ' + name)
-        sys.meta_path.insert(0, Block())
+    out = run_without_torch(f"""
         import numpy as np
         from cfr_runtime import Engine, Session
         s = Session(Engine({str(tiny_onnx)!r}), cfr=1)
@@ -194,7 +184,6 @@ def test_runtime_imports_no_torch(tiny_onnx):
         assert not any(k.split('.')[0] in ('torch', 'trainer', 'export') for k in sys.modules)
         print('ok')
     """)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 

@@ -19,29 +19,11 @@ pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[d
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime import Session  # noqa: E402
 from cfr_runtime.serve import ServeConfig, SessionStore, StoreLimits, UploadLimits, create_app  # noqa: E402
 from cfr_runtime.serve.codec import decode_upload, mask_rle, rle_to_mask  # noqa: E402
 from cfr_runtime.serve.memory import creation_bytes, resident_bytes  # noqa: E402
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(default_model())
-
-
-def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format=fmt, **kw)
-    return buf.getvalue()
+from tests.serve_fixtures import FakeClock, encode  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import socket
 import struct
@@ -25,20 +24,10 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime import Session  # noqa: E402
 from cfr_runtime.serve import ServeConfig, SessionStore, StoreLimits, UploadLimits, create_app  # noqa: E402
+from tests.serve_fixtures import encode  # noqa: E402
 from tests.serve_util import ServerThread  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(default_model())
-
-
-def encode(rgb: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
