@@ -57,7 +57,7 @@ from cfr_runtime.cli_options import (  # noqa: E402
     refuse_existing,
     threads_option,
 )
-from cfr_runtime.serve.cluster.options import FAST_SERVE_ENV, ingress_problem  # noqa: E402
+from cfr_runtime.serve.cluster.serve_mode import FAST_SERVE_ENV, ingress_problem  # noqa: E402
 from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
 
 # the Ray setups of the load phase: --setups key -> name in the report

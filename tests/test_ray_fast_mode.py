@@ -20,7 +20,7 @@ pytest.importorskip("fastapi", reason="fastapi is not installed (pip install -e 
 from cfr_runtime import default_model  # noqa: E402
 from cfr_runtime.errors import InputError  # noqa: E402
 from cfr_runtime.serve import cli  # noqa: E402
-from cfr_runtime.serve.cluster.options import FAST_SERVE_ENV, ingress_problem  # noqa: E402
+from cfr_runtime.serve.cluster.serve_mode import FAST_SERVE_ENV, ingress_problem  # noqa: E402
 from tests.ray_util import require_haproxy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,6 +33,7 @@ from ..codec import UploadLimits
 from ..store import StoreLimits
 from .asgi import HttpRequest, HttpResponse
 from .records import LocalRecords, RecordBook
+from .serve_mode import ingress_problem
 
 log = logging.getLogger("cfr_runtime.serve.cluster")
 
@@ -391,8 +392,6 @@ def serve_on_ray(address: str, model: str | Path | None = None, config: ServeCon
     if model is not None and not Path(model).is_file():
         raise ContractError(f"{model}: no such model file (on a cluster it must exist at this path on every node)")
     options = options or ClusterOptions()
-    from .options import ingress_problem
-
     problem = ingress_problem(options.ingress)
     if problem:
         raise InputError(problem)

@@ -30,13 +30,12 @@ import click
 
 from ...cli_options import POSITIVE_FLOAT, POSITIVE_INT, option
 from .deploy import ClusterOptions
+from .serve_mode import ingress_problem
 
 F = Callable[..., Any]
 NON_NEGATIVE = click.FloatRange(min=0)
 INGRESSES = ("gateway", "direct")
 DEFAULTS = ClusterOptions()
-# Ray Serve's documented pair for its high-throughput mode (the measured configuration of docs/ray.md)
-FAST_SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # the options that only mean something on a cluster (name -> flag, for the message when --ray is missing)
 CLUSTER_ONLY = {"replicas": "--replicas", "replica_cpus": "--replica-cpus", "replica_gpus": "--replica-gpus",
                 "batch_size": "--batch-size", "batch_wait_ms": "--batch-wait-ms", "ingress": "--ingress"}
@@ -100,23 +99,6 @@ def model_max_batch(model: Path | None) -> int:
     from ...backends.ort import read_contract_from_file
 
     return read_contract_from_file(path).max_batch
-
-
-def haproxy_ingress(environ: dict[str, str] | None = None) -> bool:
-    """Whether Ray Serve will put HAProxy in front (read as Ray reads it: the variable set to "1")."""
-    import os
-
-    return (environ if environ is not None else os.environ).get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
-
-
-def ingress_problem(ingress: str, environ: dict[str, str] | None = None) -> str | None:
-    """What Ray would refuse later, deep in `serve.run`, as a message that says what to do (None: fine)."""
-    if ingress == "direct" and haproxy_ingress(environ):
-        return ("--ingress direct cannot run behind Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1): "
-                "HAProxy balances the ingress deployment's replicas itself, bypassing the session router; use "
-                "--ingress gateway (the default; the router runs behind the gateway), or unset "
-                "RAY_SERVE_ENABLE_HA_PROXY")
-    return None
 
 
 def cluster_options(model: Path | None, replicas: int, replica_cpus: float, replica_gpus: float, batch_size: int,
