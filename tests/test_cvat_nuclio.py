@@ -19,7 +19,7 @@ from tests.conftest import blob_scene
 
 pytest.importorskip("pydantic", reason="pydantic is not installed (pip install -e '.[serve]')")
 
-from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime import Session  # noqa: E402
 from cfr_runtime.serve.codec import UploadLimits, decode_upload  # noqa: E402
 from cfr_runtime.serve.cvat import CVAT_BACKGROUND  # noqa: E402
 from cfr_runtime.serve.nuclio import main as function  # noqa: E402
@@ -108,11 +108,6 @@ def ui_reads(answer: dict, frame_shape: tuple[int, int]) -> tuple[np.ndarray, li
         contours, _ = cv2.findContours(mat, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         points = [[int(x) + left, int(y) + top] for x, y in contours[0].reshape(-1, 2)]
     return full, points
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(default_model())
 
 
 @pytest.fixture()

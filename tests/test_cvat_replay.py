@@ -8,15 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from cfr_runtime import Engine, Session, default_model
+from cfr_runtime import Session
 from cfr_runtime.serve.store import SessionStore, StoreLimits, common_prefix
 from cfr_runtime.session import Click
 from tests.conftest import blob_scene
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(default_model())
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cfr_runtime import Engine, Session, default_model  # noqa: E402
+from cfr_runtime import Session  # noqa: E402
 from cfr_runtime.errors import CfrError  # noqa: E402
 from cfr_runtime.serve import ServeConfig, SessionStore, UploadLimits, create_app  # noqa: E402
 from cfr_runtime.serve.codec import decode_upload  # noqa: E402
@@ -132,11 +132,6 @@ def png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(default_model())
 
 
 @pytest.fixture(scope="module")
