@@ -12,7 +12,6 @@ process group it started (never `ray stop`, which would end every Ray process on
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import shutil
@@ -64,14 +63,6 @@ def require_haproxy() -> None:
         if os.environ.get("CFR_REQUIRE_RAY") == "1":
             pytest.fail(f"HAProxy is required here (CFR_REQUIRE_RAY=1) but there is {why}", pytrace=False)
         pytest.skip(why, allow_module_level=True)
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---- in process -------------------------------------------------------------------------------------------

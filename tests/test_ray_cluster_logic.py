@@ -19,8 +19,9 @@ from cfr_runtime.serve.cluster.records import CONFLICT, MISSING, OK, RecordBook,
 from cfr_runtime.serve.cluster.routing import make_session_id, owner_order, tag_of  # noqa: E402
 from cfr_runtime.serve.codec import EncodedImage, decode_upload, rle_to_mask  # noqa: E402
 from cfr_runtime.serve.store import SessionStore  # noqa: E402
-from tests.ray_util import GroupBatcher, InProcessCluster, encode_png  # noqa: E402
+from tests.ray_util import GroupBatcher, InProcessCluster  # noqa: E402
 from tests.serve_fixtures import FakeClock  # noqa: E402
+from tests.serve_fixtures import encode as encode_png  # noqa: E402
 
 
 @pytest.fixture(scope="module")

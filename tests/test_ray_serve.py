@@ -19,7 +19,8 @@ from tests.conftest import blob_scene
 
 pytest.importorskip("fastapi", reason="fastapi is not installed (pip install -e '.[serve]')")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed (pip install -e '.[dev]')")
-from tests.ray_util import LocalRayCluster, encode_png, require_ray_serve  # noqa: E402
+from tests.ray_util import LocalRayCluster, require_ray_serve  # noqa: E402
+from tests.serve_fixtures import encode as encode_png  # noqa: E402
 
 require_ray_serve()  # skips where Ray is not installed; fails instead under CI (CFR_REQUIRE_RAY=1)
 
