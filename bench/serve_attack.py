@@ -783,10 +783,9 @@ def main(model, model_alias, url, spawn, max_memory_mb, dataset, frames_mp, floo
             proc.wait(30)
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     if stem is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps({**meta, **result}, indent=1))
-        stem.with_suffix(".md").write_text(markdown(result, meta))
-        print(f"wrote {stem}.json and {stem.name}.md")
+        from bench.machine import write_results
+
+        write_results(stem, {**meta, **result}, markdown(result, meta), show=False)
     failed = [r for r in result["rows"] if not r["ok"] and not r["note"].startswith("skipped")]
     sys.exit(1 if failed else 0)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import shlex
@@ -36,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import write_results  # noqa: E402
 from bench.pareto import cpu_info, versions  # noqa: E402
 
 CHILD = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr, "
@@ -210,12 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
               "mem_available_gb_start": mem0, "cpu": cpu_info(), "versions": versions(), "load_average": load,
               "total_s": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M"),
               "command": "python bench/vith_smoke.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    out.mkdir(parents=True, exist_ok=True)
-    text = render(result)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(text + "\n")
-    print(text)
-    print(f"wrote {stem}.json and .md")
+    write_results(stem, result, render(result) + "\n")
     if args.work is None:
         import shutil
 
