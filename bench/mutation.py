@@ -82,8 +82,10 @@ def refresh_tests(spec: dict, run: dict, here: Path, config: bool = True) -> Non
     selection = list(spec["tests"])
     for test in spec.get("exclude_tests", []):
         selection += ["--deselect", test]
+    (here / "conftest.py").write_text(ORDER_PLUGIN.format(files=json.dumps(_test_files(spec["tests"]))))
     (here / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
+        "also_copy = [\"conftest.py\"]\n"
         f"source_paths = [\"{package}/\"]\n"
         f"only_mutate = [\"{spec['source']}\"]\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(selection)}\n"
@@ -92,6 +94,38 @@ def refresh_tests(spec: dict, run: dict, here: Path, config: bool = True) -> Non
         "use_git_change_detection = false\n"
         f"timeout_constant = {float(run['timeout_constant'])}\n"
         f"timeout_multiplier = {float(run['timeout_multiplier'])}\n\n" + _pytest_ini())
+
+
+def _test_files(tests: list[str]) -> list[str]:
+    """The selection's files in the order the module lists them (its own fast tests first)."""
+    return list(dict.fromkeys(t.split("::")[0] for t in tests))
+
+
+# The scratch copy's root conftest.py. mutmut hands each mutant's covering tests to pytest as a set (a random
+# order per process) with -x; this puts them back in the module's order (bench/mutation.toml lists its own
+# fast tests first) and, within a file, fastest first by mutmut's measured durations, so a killed mutant costs
+# its cheapest killing test instead of whichever slow end-to-end test the hash order drew first. Files stay
+# together, so a module-scoped fixture is set up once.
+ORDER_PLUGIN = '''"""Written by bench/mutation.py: runs each mutant's tests in the module's order, fastest first."""
+import json
+from pathlib import Path
+
+FILES = {files}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    try:
+        durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        durations = {{}}
+    rank = {{f: i for i, f in enumerate(FILES)}}
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        return rank.get(path, len(rank)), durations.get(item.nodeid, 0.0)
+
+    items.sort(key=key)
+'''
 
 
 def export_models(names: set[str], folder: Path) -> None:
@@ -281,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     children = args.max_children or run["max_children"]
     workdir, out = args.workdir.resolve(), (args.out or args.workdir / "report").resolve()
     shared = Path(os.environ.get("CFR_SHARED", ROOT.parent / "shared")).resolve()
-    env = dict(os.environ, CFR_SHARED=str(shared), CFR_TEST_MODELS=str(workdir / "models"),
-               PYTHONDONTWRITEBYTECODE="1")
+    base_env = dict(os.environ, CFR_SHARED=str(shared), CFR_TEST_MODELS=str(workdir / "models"),
+                    PYTHONDONTWRITEBYTECODE="1")
+    base_env.pop("CFR_TRACE_CACHE", None)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     start = time.time()
     if not (args.report_only or args.survivors):
@@ -293,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = modules[name]
         here = workdir / name
         t0 = time.time()
+        # the export modules: torch's trace made once per run and copied for every later mutant (tests/conftest.py)
+        env = dict(base_env, CFR_TRACE_CACHE=str(workdir / "traces")) if spec.get("trace_cache") else base_env
         if args.survivors:  # the last run's survivors again, against the tests as they are now
             mutants = [s["mutant"] for s in collect(name, spec, here)["survivors"]]
             if not mutants:
