@@ -261,6 +261,7 @@ def markdown(report: dict) -> str:
                    f"{c.get('not checked', 0)} | "
                    f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
                    f"{r.get('commit', '?')} |")
+    out += ["", "## Cost of a cold `--modules all`", "", *_cold_estimate(report["modules"])]
     scoped = [r for r in report["modules"] if r["functions"] != ["*"]]
     if scoped:
         out += ["", "## Modules scoped to some functions", ""]
@@ -290,6 +291,29 @@ def markdown(report: dict) -> str:
             out += ["", f"## Equivalent mutants in {r['source']}", ""]
             out += [f"- `{e['function']}`: `{e['line']}`: {e['reason']}" for e in r["equivalents"]]
     return "\n".join(out) + "\n"
+
+
+def _cold_estimate(modules: list[dict]) -> list[str]:
+    """The CPU minutes a cold run of every module would use, from each module's measured run, and the wall time
+    that gives on 2 idle cores. A module whose run covered only part of its mutants (stopped, or a part whose CPU
+    time was not measured) is scaled by mutants per CPU minute, and says so."""
+    lines, total, scaled = [], 0.0, []
+    for r in modules:
+        cpu = r.get("cpu_seconds", 0) / 60
+        measured = r["mutants"] - r["counts"].get("not checked", 0) - r.get("cpu_unmeasured_mutants", 0)
+        if 0 < measured < r["mutants"]:
+            cpu *= r["mutants"] / measured
+            scaled.append(f"{r['module']} ({measured} of {r['mutants']} mutants measured: {cpu:.1f})")
+        total += cpu
+    lines.append(f"Sum of the modules' CPU minutes: {total:.1f}; on 2 idle cores (2 mutants at once) a cold "
+                 f"`python bench/mutation.py --modules all` is expected to take about {total / 2:.0f} minutes of wall "
+                 "time (an estimate from these measured CPU times: mutmut's clean and stats runs use one core, "
+                 "so the real figure is somewhat longer).")
+    if scaled:
+        lines.append("")
+        lines.append("Scaled from part of a module's mutants (CPU minutes per mutant times all its mutants): "
+                     + "; ".join(scaled) + ".")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,3 +211,76 @@ def test_fp16_export_reuses_the_fp32_model(tiny_checkpoint, tmp_path, monkeypatc
                                               "--max-points", "6", "--verify-seed", "3", "--fp16"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model_fp16.onnx").is_file() and len(loads) == 1, loads
+
+
+# ---- round 4: the engines' wiring and the files --overwrite protects -------------------------------------------
+
+@pytest.mark.parametrize("graph", ["square", "full"])
+def test_targets_name_every_file_the_export_writes(graph, tmp_path):
+    """`_targets` (what an export without --overwrite refuses to replace) against the names the writers use:
+    model_file_name for the graphs, `<stem>_int8.onnx`, build_plan's `<onnx stem>.plan` (of the fp16 graph when
+    there is one) and aoti.package_name."""
+    from types import SimpleNamespace
+
+    from export.aoti import package_name
+    from export.cli import _targets
+    from export.onnx_export import model_file_name
+
+    full = graph == "full"
+
+    def name(precision):
+        return model_file_name(SimpleNamespace(full=full, precision=precision))
+
+    for fp16 in (False, True):
+        for int8 in (False, True):
+            for engine in ("onnx", "trt", "aoti"):
+                want = [name("fp32")] + ([name("fp16")] if fp16 else [])
+                want += [name("fp32").replace(".onnx", "_int8.onnx")] if int8 else []
+                want += [name("fp16" if fp16 else "fp32").replace(".onnx", ".plan")] if engine == "trt" else []
+                want += [package_name(full, "fp16" if fp16 else "fp32")] if engine == "aoti" else []
+                assert _targets(tmp_path, graph, fp16, int8, engine) == [tmp_path / n for n in want], \
+                    (fp16, int8, engine)
+    stem = "model_full" if full else "model"
+    assert _targets(tmp_path, graph, True, True, "trt") == [
+        tmp_path / n for n in (f"{stem}.onnx", f"{stem}_fp16.onnx", f"{stem}_int8.onnx", f"{stem}_fp16.plan")]
+    assert _targets(tmp_path, graph, False, False, "aoti") == [tmp_path / f"{stem}.onnx", tmp_path / f"{stem}_fp32.pt2"]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_trt_plan_is_built_from_the_last_onnx_graph(fp16, tiny_checkpoint, tmp_path, monkeypatch):
+    """--engine trt builds the plan from the fp16 graph when there is one, else the fp32 graph, into -o (TensorRT
+    replaced by a recorder: no GPU here; export/trt.py's own tests need one)."""
+    import export.trt as trt
+
+    built = []
+    monkeypatch.setattr(trt, "check_trt_available", lambda: None)
+    monkeypatch.setattr(trt, "build_plan", lambda onnx_path, out_dir: built.append((onnx_path, out_dir))
+                        or out_dir / "made.plan")
+    args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "3",
+            "--engine", "trt", *(["--fp16"] if fp16 else [])]
+    result = CliRunner().invoke(export_main, args)
+    assert result.exit_code == 0, result.output
+    assert built == [(tmp_path / ("model_fp16.onnx" if fp16 else "model.onnx"), tmp_path)]
+    assert result.output.splitlines()[-1] == f"wrote {tmp_path / 'made.plan'}"
+
+
+def test_aoti_gets_the_fp32_model_and_the_run_options(tiny_checkpoint, tmp_path, monkeypatch):
+    """--engine aoti compiles after the ONNX graphs from the fp32 torch graph (kept, even with --int8, which
+    frees it for the other engines), with the run's precision, device, verification seed and graph options
+    (the compiler replaced by a recorder: minutes on the CPU; test_export.py's AOTInductor test runs it)."""
+    import export.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_export_aoti", lambda *args: calls.append(args))
+    args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "5",
+            "--engine", "aoti", "--device", "cpu", "--fp16", "--int8"]
+    result = CliRunner().invoke(export_main, args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1, calls
+    checkpoint, out_dir, contract, graph, fp16, device, seed, limits = calls[0]
+    assert (checkpoint, out_dir, fp16, device, seed) == (tiny_checkpoint, tmp_path, True, "cpu", 5)
+    assert (contract.precision, contract.input_size, contract.max_points, contract.full) == ("fp32", 224, 6, False)
+    assert graph is not None and next(graph.parameters()).dtype.is_floating_point
+    assert str(next(graph.parameters()).dtype) == "torch.float32"
+    assert limits == {"graph": "square", "max_image": None, "opt_image": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_fp16.onnx", "model_int8.onnx"]
