@@ -284,3 +284,76 @@ def test_aoti_gets_the_fp32_model_and_the_run_options(tiny_checkpoint, tmp_path,
     assert str(next(graph.parameters()).dtype) == "torch.float32"
     assert limits == {"graph": "square", "max_image": None, "opt_image": None}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_fp16.onnx", "model_int8.onnx"]
+
+
+def small_graph(folder, name: str, value: float, data: bool):
+    """A one-initializer ONNX graph saved by save_graph into `folder`: with `<name>.data` beside it when `data`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cfr_runtime.contract import Contract
+    from export.graph_file import save_graph
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [256], np.full(256, value, np.float32).tobytes(), raw=True)
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    model = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256])], [weights]))
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = save_graph(model, folder / name, Contract(), threshold=0 if data else 1 << 20)
+    assert (record is not None) == data
+    return folder / name
+
+
+def test_commit_graph_moves_the_data_file_and_removes_only_the_replaced_ones(tmp_path):
+    from cfr_runtime.onnx_file import check_data_file, data_file
+    from export.graph_file import commit_graph
+
+    out = tmp_path / "out"
+    final = out / "model.onnx"
+    # a first graph with a data file, into an empty folder: both move, nothing is left in the staging folder
+    staged = small_graph(tmp_path / "s1", "model.onnx", 1.0, data=True)
+    assert commit_graph(staged, (out.mkdir() or final)) == final
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert list((tmp_path / "s1").iterdir()) == [] and check_data_file(final).name == "model.onnx.data"
+    # another graph with a data file of the same name: the new data file replaces the old one (never deleted)
+    staged = small_graph(tmp_path / "s2", "model.onnx", 2.0, data=True)
+    new_data = (tmp_path / "s2" / "model.onnx.data").read_bytes()
+    commit_graph(staged, final)
+    assert (out / "model.onnx.data").read_bytes() == new_data and check_data_file(final) == data_file(final)
+    # a single-file graph over it: the data file the replaced graph used is removed
+    staged = small_graph(tmp_path / "s3", "model.onnx", 3.0, data=False)
+    commit_graph(staged, final)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"] and data_file(final) is None
+    # a single-file graph over a single-file graph: nothing else is touched
+    (out / "notes.txt").write_text("ours")
+    commit_graph(small_graph(tmp_path / "s4", "model.onnx", 4.0, data=False), final)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt"]
+
+
+def test_commit_graph_leaves_data_files_it_does_not_own(tmp_path):
+    from export.graph_file import commit_graph
+
+    out = tmp_path / "out"
+    # the replaced graph records a data file under another name (a graph copied under a new name): not ours
+    small_graph(out, "other.onnx", 1.0, data=True).rename(out / "model.onnx")
+    commit_graph(small_graph(tmp_path / "s", "model.onnx", 2.0, data=False), out / "model.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "other.onnx.data"]
+    # the replaced graph's data-file record is malformed (data_file refuses it): whatever is beside it stays
+    import onnx
+
+    from cfr_runtime.contract import DATA_META_KEY
+    from cfr_runtime.errors import CfrError
+    from cfr_runtime.onnx_file import data_file
+
+    model = onnx.load(str(out / "model.onnx"))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = DATA_META_KEY, "{not json"
+    onnx.save(model, str(out / "model.onnx"))
+    with pytest.raises(CfrError):
+        data_file(out / "model.onnx")
+    (out / "model.onnx.data").write_bytes(b"someone's data")
+    commit_graph(small_graph(tmp_path / "t", "model.onnx", 3.0, data=False), out / "model.onnx")
+    assert (out / "model.onnx.data").read_bytes() == b"someone's data"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "other.onnx.data"]
