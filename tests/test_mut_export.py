@@ -357,3 +357,62 @@ def test_commit_graph_leaves_data_files_it_does_not_own(tmp_path):
     commit_graph(small_graph(tmp_path / "t", "model.onnx", 3.0, data=False), out / "model.onnx")
     assert (out / "model.onnx.data").read_bytes() == b"someone's data"
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "other.onnx.data"]
+
+
+# ---- round 4: the full-resolution graph's verification, figures recomputed ------------------------------------
+
+@pytest.fixture(scope="module")
+def exported_full(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mf"), size=224, max_points=6, graph="full")
+
+
+def recount_full(path, graph, contract, seed: int) -> tuple[float, float, int]:
+    """verify_onnx's figures for a full graph, computed again here on the probability map (output 0)."""
+    import onnxruntime as ort
+
+    from export.onnx_export import full_verification_cases
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = disagree = 0.0
+    cases = full_verification_cases(contract, seed)
+    for inputs in cases:
+        want = torch_reference(graph, inputs)[0].astype(np.float64)
+        got = sess.run(list(contract.output_names()), {k: inputs[k] for k in contract.input_names()})[0]
+        got = got.astype(np.float64)
+        worst = max(worst, float(np.abs(got - want).max()))
+        disagree = max(disagree, float(((got > contract.threshold) != (want > contract.threshold)).mean()))
+    return worst, disagree, len(cases)
+
+
+def test_full_graph_figures_match_an_independent_count_and_the_tolerance_edge(exported_full):
+    from export.onnx_export import full_verification_cases
+
+    path, contract, graph = exported_full
+    assert contract.full
+    report = verify_onnx(path, graph, contract, seed=5)
+    worst, disagree, cases = recount_full(path, graph, contract, 5)
+    assert report.max_abs_diff == pytest.approx(worst, abs=1e-12) and 0 < worst < TOLERANCE["fp32"]
+    assert (report.mask_disagreement, report.cases, report.tolerance, report.batch_diff) == (
+        disagree, cases, TOLERANCE["fp32"], None)
+    verify_onnx(path, graph, contract, seed=5, tolerance=report.max_abs_diff)  # the edge itself passes
+    with pytest.raises(ExportError, match=r": exported full graph does not match torch: max \|onnx - torch\| = "):
+        verify_onnx(path, graph, contract, seed=5, tolerance=report.max_abs_diff / 2)
+    # against the unflipped network, with a mask threshold inside its probabilities: real figures, refused
+    graph.square.flip = not graph.square.flip
+    try:
+        import onnxruntime as ort
+
+        case = full_verification_cases(contract, 5)[1]
+        want = torch_reference(graph, case)[0]
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            list(contract.output_names()), {k: case[k] for k in contract.input_names()})[0]
+        at = np.unravel_index(np.argmax(np.abs(got - want)), got.shape)  # a threshold between the two there
+        split = replace(contract, threshold=float(got[at] + want[at]) / 2)
+        wrong = verify_onnx(path, graph, split, seed=5, tolerance=1.0)
+        worst, disagree, _ = recount_full(path, graph, split, 5)
+        with pytest.raises(ExportError, match="exported full graph does not match torch"):
+            verify_onnx(path, graph, split, seed=5)
+    finally:
+        graph.square.flip = not graph.square.flip
+    assert wrong.max_abs_diff == pytest.approx(worst, abs=1e-12) and worst > 1e-3
+    assert wrong.mask_disagreement == disagree > 0
