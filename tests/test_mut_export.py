@@ -416,3 +416,17 @@ def test_full_graph_figures_match_an_independent_count_and_the_tolerance_edge(ex
         graph.square.flip = not graph.square.flip
     assert wrong.max_abs_diff == pytest.approx(worst, abs=1e-12) and worst > 1e-3
     assert wrong.mask_disagreement == disagree > 0
+
+
+def test_output_range_edges_and_message():
+    from cfr_runtime.errors import ModelOutputError
+    from export.verify import check_output_range, worst_diff
+
+    check_output_range(np.array([0.0, 1.0], np.float32), "m")  # both ends are probabilities
+    for bad, lo, hi in ((np.array([-0.5, 0.25]), -0.5, 0.25), (np.array([0.0, 2.0]), 0.0, 2.0)):
+        with pytest.raises(ModelOutputError) as info:
+            check_output_range(bad, "the graph")
+        assert str(info.value) == (f"the graph returns values outside [0, 1] (min {lo}, max {hi}): NaN/inf weights or "
+                                   "a precision overflow; nothing was kept")
+    assert worst_diff(0.5, np.array([0.5]), np.array([0.25])) == 0.5  # the running max keeps the larger
+    assert worst_diff(0.0, np.array([0.5, 0.1], np.float32), np.array([0.25, 0.1], np.float32)) == 0.25
