@@ -359,6 +359,17 @@ def test_commit_graph_leaves_data_files_it_does_not_own(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "other.onnx.data"]
 
 
+def test_commit_graph_over_a_graph_whose_data_file_is_already_gone(tmp_path):
+    """The replaced graph's data file was deleted by hand: the commit does not fail on removing it."""
+    from export.graph_file import commit_graph
+
+    out = tmp_path / "out"
+    small_graph(out, "model.onnx", 1.0, data=True)
+    (out / "model.onnx.data").unlink()
+    commit_graph(small_graph(tmp_path / "s", "model.onnx", 2.0, data=False), out / "model.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
 # ---- round 4: the full-resolution graph's verification, figures recomputed ------------------------------------
 
 @pytest.fixture(scope="module")
