@@ -255,19 +255,21 @@ def test_trt_plan_is_built_from_the_last_onnx_graph(fp16, tiny_checkpoint, tmp_p
     replaced by a recorder: no GPU here; export/trt.py's own tests need one)."""
     import export.trt as trt
 
-    built = []
-    monkeypatch.setattr(trt, "check_trt_available", lambda: None)
+    built, checked = [], []
+    monkeypatch.setattr(trt, "check_trt_available", lambda: checked.append(True))
     monkeypatch.setattr(trt, "build_plan", lambda onnx_path, out_dir: built.append((onnx_path, out_dir))
                         or out_dir / "made.plan")
     args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "3",
             "--engine", "trt", *(["--fp16"] if fp16 else [])]
     result = CliRunner().invoke(export_main, args)
     assert result.exit_code == 0, result.output
+    assert checked == [True]  # TensorRT and the GPU checked before the export (export/trt.py's preflight)
     assert built == [(tmp_path / ("model_fp16.onnx" if fp16 else "model.onnx"), tmp_path)]
     assert result.output.splitlines()[-1] == f"wrote {tmp_path / 'made.plan'}"
 
 
-def test_aoti_gets_the_fp32_model_and_the_run_options(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_aoti_gets_the_fp32_model_and_the_run_options(device, tiny_checkpoint, tmp_path, monkeypatch):
     """--engine aoti compiles after the ONNX graphs from the fp32 torch graph (kept, even with --int8, which
     frees it for the other engines), with the run's precision, device, verification seed and graph options
     (the compiler replaced by a recorder: minutes on the CPU; test_export.py's AOTInductor test runs it)."""
@@ -276,12 +278,15 @@ def test_aoti_gets_the_fp32_model_and_the_run_options(tiny_checkpoint, tmp_path,
     calls = []
     monkeypatch.setattr(cli, "_export_aoti", lambda *args: calls.append(args))
     args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "5",
-            "--engine", "aoti", "--device", "cpu", "--fp16", "--int8"]
+            "--engine", "aoti", "--device", device, "--fp16", "--int8"]
     result = CliRunner().invoke(export_main, args)
     assert result.exit_code == 0, result.output
     assert len(calls) == 1, calls
-    checkpoint, out_dir, contract, graph, fp16, device, seed, limits = calls[0]
-    assert (checkpoint, out_dir, fp16, device, seed) == (tiny_checkpoint, tmp_path, True, "cpu", 5)
+    checkpoint, out_dir, contract, graph, fp16, got_device, seed, limits = calls[0]
+    import torch
+
+    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    assert (checkpoint, out_dir, fp16, got_device, seed) == (tiny_checkpoint, tmp_path, True, resolved, 5)
     assert (contract.precision, contract.input_size, contract.max_points, contract.full) == ("fp32", 224, 6, False)
     assert graph is not None and next(graph.parameters()).dtype.is_floating_point
     assert str(next(graph.parameters()).dtype) == "torch.float32"
@@ -444,3 +449,56 @@ def test_output_range_edges_and_message():
                                    "a precision overflow; nothing was kept")
     assert worst_diff(0.5, np.array([0.5]), np.array([0.25])) == 0.5  # the running max keeps the larger
     assert worst_diff(0.0, np.array([0.5, 0.1], np.float32), np.array([0.25, 0.1], np.float32)) == 0.25
+
+
+def test_one_seed_and_one_reference_cache_per_run(tiny_checkpoint, tmp_path, monkeypatch):
+    """Every artifact of one cfr-export run is verified on the same inputs (--verify-seed, else one fresh seed for
+    the run) against one shared cache of torch outputs."""
+    import export.verify as verify
+
+    calls, real = [], verify.verify_onnx
+
+    def spy(path, graph, contract, seed=None, tolerance=None, references=None):
+        calls.append((contract.precision, seed, references))
+        return real(path, graph, contract, seed=seed, tolerance=tolerance, references=references)
+
+    monkeypatch.setattr(verify, "verify_onnx", spy)
+    base = [str(tiny_checkpoint), "--size", "224", "--max-points", "6", "--fp16", "--int8"]
+    result = CliRunner().invoke(export_main, [*base, "-o", str(tmp_path / "a"), "--verify-seed", "7"])
+    assert result.exit_code == 0, result.output
+    assert [(p, s) for p, s, _ in calls] == [("fp32", 7), ("fp16", 7), ("int8", 7)]
+    assert calls[0][2] is not None and all(r is calls[0][2] for _, _, r in calls)
+    seeds = []
+    for run in ("b", "c"):
+        calls.clear()
+        result = CliRunner().invoke(export_main, [*base, "-o", str(tmp_path / run)])
+        assert result.exit_code == 0, result.output
+        assert len({s for _, s, _ in calls}) == 1 and calls[0][1] is not None, calls
+        seeds.append(calls[0][1])
+    assert seeds[0] != seeds[1]  # fresh per run (two equal draws of 2**30: once in a billion)
+
+
+def test_fp16_full_graph_keeps_the_graph_options(tiny_checkpoint, tmp_path):
+    """--graph full --fp16: both graphs are full-resolution graphs with the given --max-image."""
+    from cfr_runtime.backends.ort import read_contract_from_file
+
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--graph", "full",
+                                              "--max-image", "600x700", "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_full.onnx", "model_full_fp16.onnx"]
+    for name, precision in (("model_full.onnx", "fp32"), ("model_full_fp16.onnx", "fp16")):
+        contract = read_contract_from_file(tmp_path / name)
+        assert (contract.full, contract.precision, tuple(contract.max_image)) == (True, precision, (600, 700))
+
+
+def test_fp16_batch_axis_keeps_the_batch(tiny_checkpoint, tmp_path):
+    from cfr_runtime.backends.ort import read_contract_from_file
+
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--max-batch", "2",
+                                              "--fp16"])
+    assert result.exit_code == 0, result.output
+    for name in ("model.onnx", "model_fp16.onnx"):
+        assert read_contract_from_file(tmp_path / name).max_batch == 2
+    assert result.output.count("batched vs one by one: max diff 0") == 2, result.output
