@@ -502,3 +502,13 @@ def test_fp16_batch_axis_keeps_the_batch(tiny_checkpoint, tmp_path):
     for name in ("model.onnx", "model_fp16.onnx"):
         assert read_contract_from_file(tmp_path / name).max_batch == 2
     assert result.output.count("batched vs one by one: max diff 0") == 2, result.output
+
+
+def test_export_verified_passes_every_option_on(tiny_checkpoint, tmp_path):
+    """--no-flip, the size and the click rows reach the graph export_verified writes (and its verification)."""
+    from cfr_runtime.backends.ort import read_contract_from_file
+
+    path, contract, graph, report = export_verified(tiny_checkpoint, tmp_path, 224, 5, False, seed=2)
+    written = read_contract_from_file(path)
+    assert (contract.flip, contract.input_size, contract.max_points) == (False, 224, 5)
+    assert (written.flip, written.input_size, written.max_points) == (False, 224, 5) and graph.flip is False
