@@ -297,11 +297,14 @@ def _cold_estimate(modules: list[dict]) -> list[str]:
     """The CPU minutes a cold run of every module would use, from each module's measured run, and the wall time
     that gives on 2 idle cores. A module whose run covered only part of its mutants (stopped, or a part whose CPU
     time was not measured) is scaled by mutants per CPU minute, and says so."""
-    lines, total, scaled = [], 0.0, []
+    lines, total, scaled, missing = [], 0.0, [], []
     for r in modules:
         cpu = r.get("cpu_seconds", 0) / 60
         measured = r["mutants"] - r["counts"].get("not checked", 0) - r.get("cpu_unmeasured_mutants", 0)
-        if 0 < measured < r["mutants"]:
+        if cpu <= 0 or measured < max(10, r["mutants"] // 20):  # too few mutants to scale from
+            missing.append(f"{r['module']} ({r['mutants']} mutants)")
+            continue
+        if measured < r["mutants"]:
             cpu *= r["mutants"] / measured
             scaled.append(f"{r['module']} ({measured} of {r['mutants']} mutants measured: {cpu:.1f})")
         total += cpu
@@ -309,6 +312,8 @@ def _cold_estimate(modules: list[dict]) -> list[str]:
                  f"`python bench/mutation.py --modules all` is expected to take about {total / 2:.0f} minutes of wall "
                  "time (an estimate from these measured CPU times: mutmut's clean and stats runs use one core, "
                  "so the real figure is somewhat longer).")
+    if missing:
+        lines += ["", "Not in the sum (no run measured enough of their mutants): " + "; ".join(missing) + "."]
     if scaled:
         lines.append("")
         lines.append("Scaled from part of a module's mutants (CPU minutes per mutant times all its mutants): "
