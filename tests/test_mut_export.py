@@ -512,3 +512,42 @@ def test_export_verified_passes_every_option_on(tiny_checkpoint, tmp_path):
     written = read_contract_from_file(path)
     assert (contract.flip, contract.input_size, contract.max_points) == (False, 224, 5)
     assert (written.flip, written.input_size, written.max_points) == (False, 224, 5) and graph.flip is False
+
+
+def test_verification_runs_on_the_cpu_provider(exported, monkeypatch):
+    """The check compares with torch on the CPU: ONNX Runtime's default provider list would pick a GPU build's
+    CUDA provider first, whose numerics the fp32 tolerance is not set for."""
+    import onnxruntime as ort
+
+    seen, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: seen.append(k.get("providers")) or real(*a, **k))
+    path, contract, graph = exported
+    verify_onnx(path, graph, contract, seed=4)
+    assert seen == [["CPUExecutionProvider"]]
+
+
+@pytest.fixture(scope="module")
+def exported_batched(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mb"), size=224, max_points=6, max_batch=2)
+
+
+def test_batched_verification_runs_the_cases_as_one_call(exported_batched, monkeypatch):
+    """A batch-axis graph is checked one case at a time and then on its first max_batch cases as one call; the
+    figures are the worst over both, and the batch against the single calls is reported (0: bit for bit)."""
+    import onnxruntime as ort
+
+    path, contract, graph = exported_batched
+    calls, real_run = [], ort.InferenceSession.run
+
+    def run(self, names, feeds, *rest):
+        calls.append(int(feeds["image"].shape[0]))
+        return real_run(self, names, feeds, *rest)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    report = verify_onnx(path, graph, contract, seed=6)
+    monkeypatch.undo()
+    assert calls == [1, 1, 1, 1, contract.max_batch] and contract.max_batch == 2
+    assert report.batch_diff == 0.0 and report.cases == 4
+    worst, disagree, _ = recount(path, graph, contract, 6)
+    assert report.max_abs_diff == pytest.approx(worst, abs=1e-12) and report.mask_disagreement == disagree
+    assert str(report).endswith("; batched vs one by one: max diff 0")
