@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                     "tests as they are now (after adding tests for them); the report notes the rerun")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run in --workdir (its run.json "
                     "written by hand when it was stopped): the in-scope mutants without a verdict")
+    ap.add_argument("--limit", type=int, default=None, help="with --resume: at most this many of the mutants "
+                    "without a verdict (a part that ends by itself, so its CPU time is measured; stopping a run "
+                    "loses the CPU time of its unreaped test processes)")
     args = ap.parse_args(argv)
 
     config = tomllib.loads(CONFIG.read_text())
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             # an interrupted run, continued (e.g. with more --max-children once the machine is freer): the
             # in-scope mutants without a verdict, with the tests as they are now and the first run's selection
             # (changing it would make mutmut reset every verdict); finished verdicts stand
-            mutants, commit = unchecked(spec, here), _commit()
+            mutants, commit = unchecked(spec, here)[:args.limit], _commit()
             refresh_tests(spec, run, here, config=False)
             cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-resume.log") \
                 if mutants else 0.0
