@@ -224,8 +224,10 @@ def collect(name: str, spec: dict, here: Path) -> dict:
     detected = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
     # "not checked": a run stopped before it reached them (the report says so); scored over the mutants tested
     scored = total - counts.get("equivalent", 0) - counts.get("not checked", 0)
+    # the selection the run used (its scratch copy's [tool.mutmut]; reruns keep it), which may predate the toml's
+    used = tomllib.loads((here / "pyproject.toml").read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
     return {"module": name, "source": spec["source"], "functions": globs, "scope": spec.get("scope", ""),
-            "tests": spec["tests"],
+            "tests": spec["tests"], "selection_used": used,
             "exclude_tests": spec.get("exclude_tests", []), "mutants": total, "counts": counts,
             "score": detected / scored if scored else 1.0, "survivors": survivors, "equivalents": equivalents}
 
