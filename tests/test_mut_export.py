@@ -551,3 +551,67 @@ def test_batched_verification_runs_the_cases_as_one_call(exported_batched, monke
     worst, disagree, _ = recount(path, graph, contract, 6)
     assert report.max_abs_diff == pytest.approx(worst, abs=1e-12) and report.mask_disagreement == disagree
     assert str(report).endswith("; batched vs one by one: max diff 0")
+
+
+def test_mask_disagreement_counts_strictly_above_the_threshold(exported, monkeypatch):
+    """A pixel is in the mask when its probability is above the threshold, for the graph and for torch alike:
+    one exactly at it is out (crafted outputs in place of torch's and ONNX Runtime's)."""
+    import onnxruntime as ort
+
+    import export.verify as verify
+
+    path, contract, graph = exported
+    t, s = contract.threshold, contract.input_size
+    want = np.full((1, 1, s, s), t - 0.25, np.float32)
+    got = want.copy()
+    want[..., :10, :] = t  # torch exactly at the threshold, the graph below: both out, they agree
+    got[..., 10:20, :] = t  # the other way round
+    want[..., 20:30, :] = t + 0.25  # torch above, the graph below: these 10 rows disagree
+    monkeypatch.setattr(verify, "torch_reference", lambda graph, inputs: want)
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, names, feeds, *rest: [got])
+    report = verify_onnx(path, graph, contract, seed=1, tolerance=1.0)
+    assert report.mask_disagreement == 10 / s and report.max_abs_diff == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", ["torch", "graph", "batched"])
+def test_out_of_range_outputs_name_their_source(bad, exported, exported_batched, monkeypatch):
+    import onnxruntime as ort
+
+    import export.verify as verify
+    from cfr_runtime.errors import ModelOutputError
+
+    path, contract, graph = exported_batched if bad == "batched" else exported
+    real_reference, real_run = verify.torch_reference, ort.InferenceSession.run
+    if bad == "torch":
+        monkeypatch.setattr(verify, "torch_reference", lambda g, inputs: real_reference(g, inputs) * np.nan)
+    else:
+        def run(self, names, feeds, *rest):
+            out = real_run(self, names, feeds, *rest)
+            return [out[0] * np.nan] if bad == "graph" or feeds["image"].shape[0] > 1 else out
+
+        monkeypatch.setattr(ort.InferenceSession, "run", run)
+    with pytest.raises(ModelOutputError) as info:
+        verify_onnx(path, graph, contract, seed=1)
+    what = {"torch": "the torch model", "graph": "the exported graph", "batched": "the exported graph (batched)"}[bad]
+    assert str(info.value).startswith(f"{path}: {what} returns values outside [0, 1] (min nan, max nan)")
+
+
+@pytest.mark.parametrize("bad", ["torch", "graph"])
+def test_full_graph_out_of_range_outputs_name_their_source(bad, exported_full, monkeypatch):
+    import onnxruntime as ort
+
+    import export.verify as verify
+    from cfr_runtime.errors import ModelOutputError
+
+    path, contract, graph = exported_full
+    real_reference, real_run = verify.torch_reference, ort.InferenceSession.run
+    if bad == "torch":
+        monkeypatch.setattr(verify, "torch_reference", lambda g, inputs: [r * np.nan if i == 0 else r for i, r in
+                                                                          enumerate(real_reference(g, inputs))])
+    else:
+        monkeypatch.setattr(ort.InferenceSession, "run", lambda self, names, feeds, *rest: [
+            o * np.nan if i == 0 else o for i, o in enumerate(real_run(self, names, feeds, *rest))])
+    with pytest.raises(ModelOutputError) as info:
+        verify_onnx(path, graph, contract, seed=1)
+    what = {"torch": "the torch model", "graph": "the exported graph"}[bad]
+    assert str(info.value).startswith(f"{path}: {what} returns values outside [0, 1] (min nan, max nan)")
