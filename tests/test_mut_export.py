@@ -615,3 +615,12 @@ def test_full_graph_out_of_range_outputs_name_their_source(bad, exported_full, m
         verify_onnx(path, graph, contract, seed=1)
     what = {"torch": "the torch model", "graph": "the exported graph"}[bad]
     assert str(info.value).startswith(f"{path}: {what} returns values outside [0, 1] (min nan, max nan)")
+
+
+def test_a_shared_reference_cache_never_serves_another_seeds_outputs(exported, exported_full):
+    """Verifications sharing one TorchReferences with other seeds (or with none: a fresh one each) each compare
+    against torch on their own inputs: a cache entry is never reused for other inputs."""
+    for path, contract, graph in (exported, exported_full):
+        refs = TorchReferences()
+        for seed in (1, 2, None, None):
+            assert verify_onnx(path, graph, contract, seed=seed, references=refs).max_abs_diff < TOLERANCE["fp32"]
