@@ -624,3 +624,15 @@ def test_a_shared_reference_cache_never_serves_another_seeds_outputs(exported, e
         refs = TorchReferences()
         for seed in (1, 2, None, None):
             assert verify_onnx(path, graph, contract, seed=seed, references=refs).max_abs_diff < TOLERANCE["fp32"]
+
+
+def test_full_graph_inconsistent_outputs_are_refused_naming_the_file(exported_full, monkeypatch):
+    import onnxruntime as ort
+
+    path, contract, graph = exported_full
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, names, feeds, *rest: [
+        o + 1 if i == 2 else o for i, o in enumerate(real_run(self, names, feeds, *rest))])  # one change too many
+    with pytest.raises(ExportError) as info:
+        verify_onnx(path, graph, contract, seed=1)
+    assert str(info.value).startswith(f"{path}: full graph reports box")
