@@ -82,8 +82,10 @@ def refresh_tests(spec: dict, run: dict, here: Path, config: bool = True) -> Non
     selection = list(spec["tests"])
     for test in spec.get("exclude_tests", []):
         selection += ["--deselect", test]
+    (here / "conftest.py").write_text(ORDER_PLUGIN.format(files=json.dumps(_test_files(spec["tests"]))))
     (here / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
+        "also_copy = [\"conftest.py\"]\n"
         f"source_paths = [\"{package}/\"]\n"
         f"only_mutate = [\"{spec['source']}\"]\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(selection)}\n"
@@ -92,6 +94,38 @@ def refresh_tests(spec: dict, run: dict, here: Path, config: bool = True) -> Non
         "use_git_change_detection = false\n"
         f"timeout_constant = {float(run['timeout_constant'])}\n"
         f"timeout_multiplier = {float(run['timeout_multiplier'])}\n\n" + _pytest_ini())
+
+
+def _test_files(tests: list[str]) -> list[str]:
+    """The selection's files in the order the module lists them (its own fast tests first)."""
+    return list(dict.fromkeys(t.split("::")[0] for t in tests))
+
+
+# The scratch copy's root conftest.py. mutmut hands each mutant's covering tests to pytest as a set (a random
+# order per process) with -x; this puts them back in the module's order (bench/mutation.toml lists its own
+# fast tests first) and, within a file, fastest first by mutmut's measured durations, so a killed mutant costs
+# its cheapest killing test instead of whichever slow end-to-end test the hash order drew first. Files stay
+# together, so a module-scoped fixture is set up once.
+ORDER_PLUGIN = '''"""Written by bench/mutation.py: runs each mutant's tests in the module's order, fastest first."""
+import json
+from pathlib import Path
+
+FILES = {files}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    try:
+        durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        durations = {{}}
+    rank = {{f: i for i, f in enumerate(FILES)}}
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        return rank.get(path, len(rank)), durations.get(item.nodeid, 0.0)
+
+    items.sort(key=key)
+'''
 
 
 def export_models(names: set[str], folder: Path) -> None:
@@ -190,8 +224,10 @@ def collect(name: str, spec: dict, here: Path) -> dict:
     detected = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
     # "not checked": a run stopped before it reached them (the report says so); scored over the mutants tested
     scored = total - counts.get("equivalent", 0) - counts.get("not checked", 0)
+    # the selection the run used (its scratch copy's [tool.mutmut]; reruns keep it), which may predate the toml's
+    used = tomllib.loads((here / "pyproject.toml").read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
     return {"module": name, "source": spec["source"], "functions": globs, "scope": spec.get("scope", ""),
-            "tests": spec["tests"],
+            "tests": spec["tests"], "selection_used": used,
             "exclude_tests": spec.get("exclude_tests", []), "mutants": total, "counts": counts,
             "score": detected / scored if scored else 1.0, "survivors": survivors, "equivalents": equivalents}
 
@@ -227,6 +263,7 @@ def markdown(report: dict) -> str:
                    f"{c.get('not checked', 0)} | "
                    f"{r['score']:.1%} | {r.get('seconds', 0) / 60:.1f} | {r.get('cpu_seconds', 0) / 60:.1f} | "
                    f"{r.get('commit', '?')} |")
+    out += ["", "## Cost of a cold `--modules all`", "", *_cold_estimate(report["modules"])]
     scoped = [r for r in report["modules"] if r["functions"] != ["*"]]
     if scoped:
         out += ["", "## Modules scoped to some functions", ""]
@@ -258,6 +295,34 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _cold_estimate(modules: list[dict]) -> list[str]:
+    """The CPU minutes a cold run of every module would use, from each module's measured run, and the wall time
+    that gives on 2 idle cores. A module whose run covered only part of its mutants (stopped, or a part whose CPU
+    time was not measured) is scaled by mutants per CPU minute, and says so."""
+    lines, total, scaled, missing = [], 0.0, [], []
+    for r in modules:
+        cpu = r.get("cpu_seconds", 0) / 60
+        measured = r["mutants"] - r["counts"].get("not checked", 0) - r.get("cpu_unmeasured_mutants", 0)
+        if cpu <= 0 or measured < max(10, r["mutants"] // 20):  # too few mutants to scale from
+            missing.append(f"{r['module']} ({r['mutants']} mutants)")
+            continue
+        if measured < r["mutants"]:
+            cpu *= r["mutants"] / measured
+            scaled.append(f"{r['module']} ({measured} of {r['mutants']} mutants measured: {cpu:.1f})")
+        total += cpu
+    lines.append(f"Sum of the modules' CPU minutes: {total:.1f}; on 2 idle cores (2 mutants at once) a cold "
+                 f"`python bench/mutation.py --modules all` is expected to take about {total / 2:.0f} minutes of wall "
+                 "time (an estimate from these measured CPU times: mutmut's clean and stats runs use one core, "
+                 "so the real figure is somewhat longer).")
+    if missing:
+        lines += ["", "Not in the sum (no run measured enough of their mutants): " + "; ".join(missing) + "."]
+    if scaled:
+        lines.append("")
+        lines.append("Scaled from part of a module's mutants (CPU minutes per mutant times all its mutants): "
+                     + "; ".join(scaled) + ".")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", default="all", help="comma-separated names from bench/mutation.toml, or 'all'")
@@ -270,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                     "tests as they are now (after adding tests for them); the report notes the rerun")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run in --workdir (its run.json "
                     "written by hand when it was stopped): the in-scope mutants without a verdict")
+    ap.add_argument("--limit", type=int, default=None, help="with --resume: at most this many of the mutants "
+                    "without a verdict (a part that ends by itself, so its CPU time is measured; stopping a run "
+                    "loses the CPU time of its unreaped test processes)")
     args = ap.parse_args(argv)
 
     config = tomllib.loads(CONFIG.read_text())
@@ -281,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     children = args.max_children or run["max_children"]
     workdir, out = args.workdir.resolve(), (args.out or args.workdir / "report").resolve()
     shared = Path(os.environ.get("CFR_SHARED", ROOT.parent / "shared")).resolve()
-    env = dict(os.environ, CFR_SHARED=str(shared), CFR_TEST_MODELS=str(workdir / "models"),
-               PYTHONDONTWRITEBYTECODE="1")
+    base_env = dict(os.environ, CFR_SHARED=str(shared), CFR_TEST_MODELS=str(workdir / "models"),
+                    PYTHONDONTWRITEBYTECODE="1")
+    base_env.pop("CFR_TRACE_CACHE", None)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     start = time.time()
     if not (args.report_only or args.survivors):
@@ -293,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = modules[name]
         here = workdir / name
         t0 = time.time()
+        # the export modules: torch's trace made once per run and copied for every later mutant (tests/conftest.py)
+        env = dict(base_env, CFR_TRACE_CACHE=str(workdir / "traces")) if spec.get("trace_cache") else base_env
         if args.survivors:  # the last run's survivors again, against the tests as they are now
             mutants = [s["mutant"] for s in collect(name, spec, here)["survivors"]]
             if not mutants:
@@ -309,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             # an interrupted run, continued (e.g. with more --max-children once the machine is freer): the
             # in-scope mutants without a verdict, with the tests as they are now and the first run's selection
             # (changing it would make mutmut reset every verdict); finished verdicts stand
-            mutants, commit = unchecked(spec, here), _commit()
+            mutants, commit = unchecked(spec, here)[:args.limit], _commit()
             refresh_tests(spec, run, here, config=False)
             cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-resume.log") \
                 if mutants else 0.0

@@ -160,3 +160,62 @@ def run_without_torch(code: str, timeout: float = 120) -> subprocess.CompletedPr
     imported there. Returns the finished process (text stdout/stderr) for the caller's asserts."""
     return subprocess.run([sys.executable, "-c", _BLOCK_TORCH + textwrap.dedent(code)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ---- mutation testing of the export (bench/mutation.py sets CFR_TRACE_CACHE for those modules) -----------------
+
+def trace_key(module, contract) -> str:
+    """What torch's tracer output depends on: the traced module's class, parameters and buffers, and the
+    contract (dummy inputs, names, dynamic axes). Not the checkpoint's file hash or the package version, which
+    only the metadata written after the trace records."""
+    import dataclasses
+    import hashlib
+    import json
+
+    import torch
+
+    skip = ("checkpoint_sha256", "package_version")
+    fields = {k: v for k, v in dataclasses.asdict(contract).items() if k not in skip}
+    h = hashlib.sha256(json.dumps([type(module).__qualname__, fields], sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _trace_once_per_mutation_run(monkeypatch):
+    """Under mutation testing of export/verify.py and cfr-export's commit logic only ($CFR_TRACE_CACHE): torch's
+    ONNX trace of a given module and contract is made once per mutation run and copied afterwards. The mutants
+    of those modules cannot change the trace (everything it depends on is in the key, so a mutant that passes
+    other options or another model gets a real trace of its own), and tracing is most of a small export's time,
+    paid again by every mutant's tests. Everything after the trace (writing, verification, the staged commit)
+    runs for real. Without the variable (the suite, CI) nothing changes."""
+    folder = os.environ.get("CFR_TRACE_CACHE")
+    if not folder:
+        return
+    import export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "trace_graph", cached_trace(onnx_export.trace_graph, Path(folder)))
+
+
+def cached_trace(real, folder: Path):
+    """`real` (export.onnx_export.trace_graph) with its output kept in `folder` under trace_key and copied on the
+    next call with the same key."""
+    import shutil
+
+    def trace_graph(module, contract, path) -> None:
+        path = Path(path)
+        cached = folder / f"{trace_key(module, contract)}.onnx"
+        if cached.is_file():
+            shutil.copyfile(cached, path)
+            return
+        real(module, contract, path)
+        if [p.name for p in path.parent.iterdir()] == [path.name]:  # one file (no loose weights past 2 GB)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, cached)  # whole or absent for a concurrent mutant
+
+    return trace_graph

@@ -94,8 +94,11 @@ def test_torch_references_are_keyed_by_everything_that_changes_them(exported):
               (3, 0, replace(contract, max_points=5)), (3, 0, replace(contract, input_size=448)),
               (3, 0, replace(contract, graph="full"))]
     for seed, case, other in others:
-        with pytest.raises(ExportError, match="no torch reference for verification case"):
+        key = (seed, case, other.graph, other.input_size, other.max_points, other.flip)
+        with pytest.raises(ExportError) as info:
             refs(None, other, seed, case, inputs)
+        assert str(info.value) == (f"no torch reference for verification case {key} (the torch model was released "
+                                   "before every case was computed)")
 
 
 def test_full_graph_outputs_are_checked_against_their_own_map():
@@ -211,3 +214,425 @@ def test_fp16_export_reuses_the_fp32_model(tiny_checkpoint, tmp_path, monkeypatc
                                               "--max-points", "6", "--verify-seed", "3", "--fp16"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model_fp16.onnx").is_file() and len(loads) == 1, loads
+
+
+# ---- round 4: the engines' wiring and the files --overwrite protects -------------------------------------------
+
+@pytest.mark.parametrize("graph", ["square", "full"])
+def test_targets_name_every_file_the_export_writes(graph, tmp_path):
+    """`_targets` (what an export without --overwrite refuses to replace) against the names the writers use:
+    model_file_name for the graphs, `<stem>_int8.onnx`, build_plan's `<onnx stem>.plan` (of the fp16 graph when
+    there is one) and aoti.package_name."""
+    from types import SimpleNamespace
+
+    from export.aoti import package_name
+    from export.cli import _targets
+    from export.onnx_export import model_file_name
+
+    full = graph == "full"
+
+    def name(precision):
+        return model_file_name(SimpleNamespace(full=full, precision=precision))
+
+    for fp16 in (False, True):
+        for int8 in (False, True):
+            for engine in ("onnx", "trt", "aoti"):
+                want = [name("fp32")] + ([name("fp16")] if fp16 else [])
+                want += [name("fp32").replace(".onnx", "_int8.onnx")] if int8 else []
+                want += [name("fp16" if fp16 else "fp32").replace(".onnx", ".plan")] if engine == "trt" else []
+                want += [package_name(full, "fp16" if fp16 else "fp32")] if engine == "aoti" else []
+                assert _targets(tmp_path, graph, fp16, int8, engine) == [tmp_path / n for n in want], \
+                    (fp16, int8, engine)
+    stem = "model_full" if full else "model"
+    assert _targets(tmp_path, graph, True, True, "trt") == [
+        tmp_path / n for n in (f"{stem}.onnx", f"{stem}_fp16.onnx", f"{stem}_int8.onnx", f"{stem}_fp16.plan")]
+    assert _targets(tmp_path, graph, False, False, "aoti") == [tmp_path / f"{stem}.onnx", tmp_path / f"{stem}_fp32.pt2"]
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_trt_plan_is_built_from_the_last_onnx_graph(fp16, tiny_checkpoint, tmp_path, monkeypatch):
+    """--engine trt builds the plan from the fp16 graph when there is one, else the fp32 graph, into -o (TensorRT
+    replaced by a recorder: no GPU here; export/trt.py's own tests need one)."""
+    import export.trt as trt
+
+    built, checked = [], []
+    monkeypatch.setattr(trt, "check_trt_available", lambda: checked.append(True))
+    monkeypatch.setattr(trt, "build_plan", lambda onnx_path, out_dir: built.append((onnx_path, out_dir))
+                        or out_dir / "made.plan")
+    args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "3",
+            "--engine", "trt", *(["--fp16"] if fp16 else [])]
+    result = CliRunner().invoke(export_main, args)
+    assert result.exit_code == 0, result.output
+    assert checked == [True]  # TensorRT and the GPU checked before the export (export/trt.py's preflight)
+    assert built == [(tmp_path / ("model_fp16.onnx" if fp16 else "model.onnx"), tmp_path)]
+    assert result.output.splitlines()[-1] == f"wrote {tmp_path / 'made.plan'}"
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_aoti_gets_the_fp32_model_and_the_run_options(device, tiny_checkpoint, tmp_path, monkeypatch):
+    """--engine aoti compiles after the ONNX graphs from the fp32 torch graph (kept, even with --int8, which
+    frees it for the other engines), with the run's precision, device, verification seed and graph options
+    (the compiler replaced by a recorder: minutes on the CPU; test_export.py's AOTInductor test runs it)."""
+    import export.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_export_aoti", lambda *args: calls.append(args))
+    args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "5",
+            "--engine", "aoti", "--device", device, "--fp16", "--int8"]
+    result = CliRunner().invoke(export_main, args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1, calls
+    checkpoint, out_dir, contract, graph, fp16, got_device, seed, limits = calls[0]
+    import torch
+
+    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    assert (checkpoint, out_dir, fp16, got_device, seed) == (tiny_checkpoint, tmp_path, True, resolved, 5)
+    assert (contract.precision, contract.input_size, contract.max_points, contract.full) == ("fp32", 224, 6, False)
+    assert graph is not None and next(graph.parameters()).dtype.is_floating_point
+    assert str(next(graph.parameters()).dtype) == "torch.float32"
+    assert limits == {"graph": "square", "max_image": None, "opt_image": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_fp16.onnx", "model_int8.onnx"]
+
+
+def small_graph(folder, name: str, value: float, data: bool):
+    """A one-initializer ONNX graph saved by save_graph into `folder`: with `<name>.data` beside it when `data`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cfr_runtime.contract import Contract
+    from export.graph_file import save_graph
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [256], np.full(256, value, np.float32).tobytes(), raw=True)
+    node = helper.make_node("Add", ["x", "w"], ["y"])
+    model = helper.make_model(helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256])], [weights]))
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = save_graph(model, folder / name, Contract(), threshold=0 if data else 1 << 20)
+    assert (record is not None) == data
+    return folder / name
+
+
+def test_commit_graph_moves_the_data_file_and_removes_only_the_replaced_ones(tmp_path):
+    from cfr_runtime.onnx_file import check_data_file, data_file
+    from export.graph_file import commit_graph
+
+    out = tmp_path / "out"
+    final = out / "model.onnx"
+    # a first graph with a data file, into an empty folder: both move, nothing is left in the staging folder
+    staged = small_graph(tmp_path / "s1", "model.onnx", 1.0, data=True)
+    assert commit_graph(staged, (out.mkdir() or final)) == final
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert list((tmp_path / "s1").iterdir()) == [] and check_data_file(final).name == "model.onnx.data"
+    # another graph with a data file of the same name: the new data file replaces the old one (never deleted)
+    staged = small_graph(tmp_path / "s2", "model.onnx", 2.0, data=True)
+    new_data = (tmp_path / "s2" / "model.onnx.data").read_bytes()
+    commit_graph(staged, final)
+    assert (out / "model.onnx.data").read_bytes() == new_data and check_data_file(final) == data_file(final)
+    # a single-file graph over it: the data file the replaced graph used is removed
+    staged = small_graph(tmp_path / "s3", "model.onnx", 3.0, data=False)
+    commit_graph(staged, final)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"] and data_file(final) is None
+    # a single-file graph over a single-file graph: nothing else is touched
+    (out / "notes.txt").write_text("ours")
+    commit_graph(small_graph(tmp_path / "s4", "model.onnx", 4.0, data=False), final)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt"]
+
+
+def test_commit_graph_leaves_data_files_it_does_not_own(tmp_path):
+    from export.graph_file import commit_graph
+
+    out = tmp_path / "out"
+    # the replaced graph records a data file under another name (a graph copied under a new name): not ours
+    small_graph(out, "other.onnx", 1.0, data=True).rename(out / "model.onnx")
+    commit_graph(small_graph(tmp_path / "s", "model.onnx", 2.0, data=False), out / "model.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "other.onnx.data"]
+    # the replaced graph's data-file record is malformed (data_file refuses it): whatever is beside it stays
+    import onnx
+
+    from cfr_runtime.contract import DATA_META_KEY
+    from cfr_runtime.errors import CfrError
+    from cfr_runtime.onnx_file import data_file
+
+    model = onnx.load(str(out / "model.onnx"))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = DATA_META_KEY, "{not json"
+    onnx.save(model, str(out / "model.onnx"))
+    with pytest.raises(CfrError):
+        data_file(out / "model.onnx")
+    (out / "model.onnx.data").write_bytes(b"someone's data")
+    commit_graph(small_graph(tmp_path / "t", "model.onnx", 3.0, data=False), out / "model.onnx")
+    assert (out / "model.onnx.data").read_bytes() == b"someone's data"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "other.onnx.data"]
+
+
+def test_commit_graph_over_a_graph_whose_data_file_is_already_gone(tmp_path):
+    """The replaced graph's data file was deleted by hand: the commit does not fail on removing it."""
+    from export.graph_file import commit_graph
+
+    out = tmp_path / "out"
+    small_graph(out, "model.onnx", 1.0, data=True)
+    (out / "model.onnx.data").unlink()
+    commit_graph(small_graph(tmp_path / "s", "model.onnx", 2.0, data=False), out / "model.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
+# ---- round 4: the full-resolution graph's verification, figures recomputed ------------------------------------
+
+@pytest.fixture(scope="module")
+def exported_full(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mf"), size=224, max_points=6, graph="full")
+
+
+def recount_full(path, graph, contract, seed: int) -> tuple[float, float, int]:
+    """verify_onnx's figures for a full graph, computed again here on the probability map (output 0)."""
+    import onnxruntime as ort
+
+    from export.onnx_export import full_verification_cases
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = disagree = 0.0
+    cases = full_verification_cases(contract, seed)
+    for inputs in cases:
+        want = torch_reference(graph, inputs)[0].astype(np.float64)
+        got = sess.run(list(contract.output_names()), {k: inputs[k] for k in contract.input_names()})[0]
+        got = got.astype(np.float64)
+        worst = max(worst, float(np.abs(got - want).max()))
+        disagree = max(disagree, float(((got > contract.threshold) != (want > contract.threshold)).mean()))
+    return worst, disagree, len(cases)
+
+
+def test_full_graph_figures_match_an_independent_count_and_the_tolerance_edge(exported_full):
+    from export.onnx_export import full_verification_cases
+
+    path, contract, graph = exported_full
+    assert contract.full
+    report = verify_onnx(path, graph, contract, seed=5)
+    worst, disagree, cases = recount_full(path, graph, contract, 5)
+    assert report.max_abs_diff == pytest.approx(worst, abs=1e-12) and 0 < worst < TOLERANCE["fp32"]
+    assert (report.mask_disagreement, report.cases, report.tolerance, report.batch_diff) == (
+        disagree, cases, TOLERANCE["fp32"], None)
+    verify_onnx(path, graph, contract, seed=5, tolerance=report.max_abs_diff)  # the edge itself passes
+    with pytest.raises(ExportError, match=r": exported full graph does not match torch: max \|onnx - torch\| = "):
+        verify_onnx(path, graph, contract, seed=5, tolerance=report.max_abs_diff / 2)
+    # against the unflipped network, with a mask threshold inside its probabilities: real figures, refused
+    graph.square.flip = not graph.square.flip
+    try:
+        import onnxruntime as ort
+
+        case = full_verification_cases(contract, 5)[1]
+        want = torch_reference(graph, case)[0]
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            list(contract.output_names()), {k: case[k] for k in contract.input_names()})[0]
+        at = np.unravel_index(np.argmax(np.abs(got - want)), got.shape)  # a threshold between the two there
+        split = replace(contract, threshold=float(got[at] + want[at]) / 2)
+        wrong = verify_onnx(path, graph, split, seed=5, tolerance=1.0)
+        worst, disagree, _ = recount_full(path, graph, split, 5)
+        with pytest.raises(ExportError, match="exported full graph does not match torch"):
+            verify_onnx(path, graph, split, seed=5)
+    finally:
+        graph.square.flip = not graph.square.flip
+    assert wrong.max_abs_diff == pytest.approx(worst, abs=1e-12) and worst > 1e-3
+    assert wrong.mask_disagreement == disagree > 0
+
+
+def test_output_range_edges_and_message():
+    from cfr_runtime.errors import ModelOutputError
+    from export.verify import check_output_range, worst_diff
+
+    check_output_range(np.array([0.0, 1.0], np.float32), "m")  # both ends are probabilities
+    for bad, lo, hi in ((np.array([-0.5, 0.25]), -0.5, 0.25), (np.array([0.0, 2.0]), 0.0, 2.0)):
+        with pytest.raises(ModelOutputError) as info:
+            check_output_range(bad, "the graph")
+        assert str(info.value) == (f"the graph returns values outside [0, 1] (min {lo}, max {hi}): NaN/inf weights or "
+                                   "a precision overflow; nothing was kept")
+    assert worst_diff(0.5, np.array([0.5]), np.array([0.25])) == 0.5  # the running max keeps the larger
+    assert worst_diff(0.0, np.array([0.5, 0.1], np.float32), np.array([0.25, 0.1], np.float32)) == 0.25
+
+
+def test_one_seed_and_one_reference_cache_per_run(tiny_checkpoint, tmp_path, monkeypatch):
+    """Every artifact of one cfr-export run is verified on the same inputs (--verify-seed, else one fresh seed for
+    the run) against one shared cache of torch outputs."""
+    import export.verify as verify
+
+    calls, real = [], verify.verify_onnx
+
+    def spy(path, graph, contract, seed=None, tolerance=None, references=None):
+        calls.append((contract.precision, seed, references))
+        return real(path, graph, contract, seed=seed, tolerance=tolerance, references=references)
+
+    monkeypatch.setattr(verify, "verify_onnx", spy)
+    base = [str(tiny_checkpoint), "--size", "224", "--max-points", "6", "--fp16", "--int8"]
+    result = CliRunner().invoke(export_main, [*base, "-o", str(tmp_path / "a"), "--verify-seed", "7"])
+    assert result.exit_code == 0, result.output
+    assert [(p, s) for p, s, _ in calls] == [("fp32", 7), ("fp16", 7), ("int8", 7)]
+    assert calls[0][2] is not None and all(r is calls[0][2] for _, _, r in calls)
+    seeds = []
+    for run in ("b", "c"):
+        calls.clear()
+        result = CliRunner().invoke(export_main, [*base, "-o", str(tmp_path / run)])
+        assert result.exit_code == 0, result.output
+        assert len({s for _, s, _ in calls}) == 1 and calls[0][1] is not None, calls
+        seeds.append(calls[0][1])
+    assert seeds[0] != seeds[1]  # fresh per run (two equal draws of 2**30: once in a billion)
+
+
+def test_fp16_full_graph_keeps_the_graph_options(tiny_checkpoint, tmp_path):
+    """--graph full --fp16: both graphs are full-resolution graphs with the given --max-image."""
+    from cfr_runtime.backends.ort import read_contract_from_file
+
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--graph", "full",
+                                              "--max-image", "600x700", "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_full.onnx", "model_full_fp16.onnx"]
+    for name, precision in (("model_full.onnx", "fp32"), ("model_full_fp16.onnx", "fp16")):
+        contract = read_contract_from_file(tmp_path / name)
+        assert (contract.full, contract.precision, tuple(contract.max_image)) == (True, precision, (600, 700))
+
+
+def test_fp16_batch_axis_keeps_the_batch(tiny_checkpoint, tmp_path):
+    from cfr_runtime.backends.ort import read_contract_from_file
+
+    result = CliRunner().invoke(export_main, [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224",
+                                              "--max-points", "6", "--verify-seed", "3", "--max-batch", "2",
+                                              "--fp16"])
+    assert result.exit_code == 0, result.output
+    for name in ("model.onnx", "model_fp16.onnx"):
+        assert read_contract_from_file(tmp_path / name).max_batch == 2
+    assert result.output.count("batched vs one by one: max diff 0") == 2, result.output
+
+
+def test_export_verified_passes_every_option_on(tiny_checkpoint, tmp_path):
+    """--no-flip, the size and the click rows reach the graph export_verified writes (and its verification)."""
+    from cfr_runtime.backends.ort import read_contract_from_file
+
+    path, contract, graph, report = export_verified(tiny_checkpoint, tmp_path, 224, 5, False, seed=2)
+    written = read_contract_from_file(path)
+    assert (contract.flip, contract.input_size, contract.max_points) == (False, 224, 5)
+    assert (written.flip, written.input_size, written.max_points) == (False, 224, 5) and graph.flip is False
+
+
+def test_verification_runs_on_the_cpu_provider(exported, monkeypatch):
+    """The check compares with torch on the CPU: ONNX Runtime's default provider list would pick a GPU build's
+    CUDA provider first, whose numerics the fp32 tolerance is not set for."""
+    import onnxruntime as ort
+
+    seen, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: seen.append(k.get("providers")) or real(*a, **k))
+    path, contract, graph = exported
+    verify_onnx(path, graph, contract, seed=4)
+    assert seen == [["CPUExecutionProvider"]]
+
+
+@pytest.fixture(scope="module")
+def exported_batched(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mb"), size=224, max_points=6, max_batch=2)
+
+
+def test_batched_verification_runs_the_cases_as_one_call(exported_batched, monkeypatch):
+    """A batch-axis graph is checked one case at a time and then on its first max_batch cases as one call; the
+    figures are the worst over both, and the batch against the single calls is reported (0: bit for bit)."""
+    import onnxruntime as ort
+
+    path, contract, graph = exported_batched
+    calls, real_run = [], ort.InferenceSession.run
+
+    def run(self, names, feeds, *rest):
+        calls.append(int(feeds["image"].shape[0]))
+        return real_run(self, names, feeds, *rest)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    report = verify_onnx(path, graph, contract, seed=6)
+    monkeypatch.undo()
+    assert calls == [1, 1, 1, 1, contract.max_batch] and contract.max_batch == 2
+    assert report.batch_diff == 0.0 and report.cases == 4
+    worst, disagree, _ = recount(path, graph, contract, 6)
+    assert report.max_abs_diff == pytest.approx(worst, abs=1e-12) and report.mask_disagreement == disagree
+    assert str(report).endswith("; batched vs one by one: max diff 0")
+
+
+def test_mask_disagreement_counts_strictly_above_the_threshold(exported, monkeypatch):
+    """A pixel is in the mask when its probability is above the threshold, for the graph and for torch alike:
+    one exactly at it is out (crafted outputs in place of torch's and ONNX Runtime's)."""
+    import onnxruntime as ort
+
+    import export.verify as verify
+
+    path, contract, graph = exported
+    t, s = contract.threshold, contract.input_size
+    want = np.full((1, 1, s, s), t - 0.25, np.float32)
+    got = want.copy()
+    want[..., :10, :] = t  # torch exactly at the threshold, the graph below: both out, they agree
+    got[..., 10:20, :] = t  # the other way round
+    want[..., 20:30, :] = t + 0.25  # torch above, the graph below: these 10 rows disagree
+    monkeypatch.setattr(verify, "torch_reference", lambda graph, inputs: want)
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, names, feeds, *rest: [got])
+    report = verify_onnx(path, graph, contract, seed=1, tolerance=1.0)
+    assert report.mask_disagreement == 10 / s and report.max_abs_diff == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", ["torch", "graph", "batched"])
+def test_out_of_range_outputs_name_their_source(bad, exported, exported_batched, monkeypatch):
+    import onnxruntime as ort
+
+    import export.verify as verify
+    from cfr_runtime.errors import ModelOutputError
+
+    path, contract, graph = exported_batched if bad == "batched" else exported
+    real_reference, real_run = verify.torch_reference, ort.InferenceSession.run
+    if bad == "torch":
+        monkeypatch.setattr(verify, "torch_reference", lambda g, inputs: real_reference(g, inputs) * np.nan)
+    else:
+        def run(self, names, feeds, *rest):
+            out = real_run(self, names, feeds, *rest)
+            return [out[0] * np.nan] if bad == "graph" or feeds["image"].shape[0] > 1 else out
+
+        monkeypatch.setattr(ort.InferenceSession, "run", run)
+    with pytest.raises(ModelOutputError) as info:
+        verify_onnx(path, graph, contract, seed=1)
+    what = {"torch": "the torch model", "graph": "the exported graph", "batched": "the exported graph (batched)"}[bad]
+    assert str(info.value).startswith(f"{path}: {what} returns values outside [0, 1] (min nan, max nan)")
+
+
+@pytest.mark.parametrize("bad", ["torch", "graph"])
+def test_full_graph_out_of_range_outputs_name_their_source(bad, exported_full, monkeypatch):
+    import onnxruntime as ort
+
+    import export.verify as verify
+    from cfr_runtime.errors import ModelOutputError
+
+    path, contract, graph = exported_full
+    real_reference, real_run = verify.torch_reference, ort.InferenceSession.run
+    if bad == "torch":
+        monkeypatch.setattr(verify, "torch_reference", lambda g, inputs: [r * np.nan if i == 0 else r for i, r in
+                                                                          enumerate(real_reference(g, inputs))])
+    else:
+        monkeypatch.setattr(ort.InferenceSession, "run", lambda self, names, feeds, *rest: [
+            o * np.nan if i == 0 else o for i, o in enumerate(real_run(self, names, feeds, *rest))])
+    with pytest.raises(ModelOutputError) as info:
+        verify_onnx(path, graph, contract, seed=1)
+    what = {"torch": "the torch model", "graph": "the exported graph"}[bad]
+    assert str(info.value).startswith(f"{path}: {what} returns values outside [0, 1] (min nan, max nan)")
+
+
+def test_a_shared_reference_cache_never_serves_another_seeds_outputs(exported, exported_full):
+    """Verifications sharing one TorchReferences with other seeds (or with none: a fresh one each) each compare
+    against torch on their own inputs: a cache entry is never reused for other inputs."""
+    for path, contract, graph in (exported, exported_full):
+        refs = TorchReferences()
+        for seed in (1, 2, None, None):
+            assert verify_onnx(path, graph, contract, seed=seed, references=refs).max_abs_diff < TOLERANCE["fp32"]
+
+
+def test_full_graph_inconsistent_outputs_are_refused_naming_the_file(exported_full, monkeypatch):
+    import onnxruntime as ort
+
+    path, contract, graph = exported_full
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, names, feeds, *rest: [
+        o + 1 if i == 2 else o for i, o in enumerate(real_run(self, names, feeds, *rest))])  # one change too many
+    with pytest.raises(ExportError) as info:
+        verify_onnx(path, graph, contract, seed=1)
+    assert str(info.value).startswith(f"{path}: full graph reports box")
