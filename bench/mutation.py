@@ -27,7 +27,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -125,6 +127,38 @@ def pytest_collection_modifyitems(session, config, items):
         return rank.get(path, len(rank)), durations.get(item.nodeid, 0.0)
 
     items.sort(key=key)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """One line per mutant in mutmut-costs.jsonl: its CPU seconds since mutmut forked its process (a forked
+    child's counters start at zero; the commands its tests ran are included), the tests' wall seconds and the
+    tests run, so the report can say which mutants and functions cost the run."""
+    import os, resource, time
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if not mutant or mutant in ("fail", "stats", "list_all_tests") or mutant.startswith("mutant_generation"):
+        return
+    cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    line = json.dumps({{"mutant": mutant, "cpu": round(cpu, 3), "wall": round(time.time() - _START[0], 3),
+                       "tests": session.testscollected, "ran": _RAN[0], "killer": _KILLER[0], "exit": int(exitstatus)}})
+    path = Path(os.environ.get("CFR_MUTANT_COSTS", "mutmut-costs.jsonl"))
+    with path.open("a") as f:  # one short write per line: appends from two workers do not interleave
+        f.write(line + "\\n")
+
+
+_START, _RAN, _KILLER = [0.0], [0], [None]
+
+
+def pytest_sessionstart(session):
+    import time
+    _START[0] = time.time()
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _RAN[0] += 1
+    if report.failed and _KILLER[0] is None:
+        _KILLER[0] = report.nodeid
 '''
 
 
@@ -146,26 +180,106 @@ def export_models(names: set[str], folder: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+_CWD_LOCK = threading.RLock()
+
+
 @contextmanager
 def _cwd(path: Path):
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
+    """mutmut reads its scratch copy from the working directory, which the lanes' threads share: one at a time."""
+    with _CWD_LOCK:
+        old = Path.cwd()
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(old)
 
 
-def _mutmut(name: str, args: list[str], here: Path, env: dict, log_name: str) -> float:
-    """`mutmut run ARGS` in the module's scratch copy; returns the CPU seconds it used."""
-    cmd = ["mutmut", "run", *args]
-    print(f"[{name}] {' '.join(cmd)}  (in {here})", flush=True)
-    cpu0 = _children_cpu()
+def _mutmut(name: str, args: list[str], here: Path, env: dict, log_name: str, fresh: bool = False) -> float:
+    """`mutmut run ARGS` in the module's scratch copy; returns the CPU seconds it used (its own and every process
+    it reaped: the fork server and each mutant's test process), measured per run so concurrent lanes stay apart.
+
+    fresh: a first run, whose stats run executes every selected test on the unmutated code and stops mutmut if
+    one fails; mutmut's "clean tests" run that follows would run them all again (minutes for the export
+    modules), so it is skipped (SKIP_CLEAN). Reruns (--survivors, --resume) keep it: their stats are loaded."""
+    shown = " ".join(args[:4]) + (f" ... ({len(args) - 2} mutants)" if len(args) > 4 else "")
+    cmd = [sys.executable, "-c", SKIP_CLEAN, "run", *args] if fresh else ["mutmut", "run", *args]
+    return _timed(name, f"mutmut run {shown}", cmd, here, env, log_name)
+
+
+SKIP_CLEAN = """
+import sys
+from mutmut.workers.isolation import MutantRunner
+for runner in MutantRunner.__subclasses__():
+    runner.run_clean_tests = lambda self, tests: 0  # the stats run just ran them, and passed
+from mutmut.__main__ import cli
+sys.argv[0] = "mutmut"
+cli()
+"""
+
+
+def _timed(name: str, what: str, cmd: list[str], here: Path, env: dict, log_name: str) -> float:
+    print(f"[{name}] {what}  (in {here})", flush=True)
     with (here / log_name).open("w") as log:
-        proc = subprocess.run(cmd, cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=here, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        print(f"[{name}] mutmut exited {proc.returncode}; see {here / log_name}", file=sys.stderr)
-    return _children_cpu() - cpu0
+        print(f"[{name}] {cmd[0]} exited {proc.returncode}; see {here / log_name}", file=sys.stderr)
+    return usage.ru_utime + usage.ru_stime
+
+
+# mutmut's own first step (copy the sources, write every mutant into the trampolined copy, the .meta with no
+# verdicts), run alone so that the runner knows the mutants' names before testing any: `mutmut run` finds the
+# copy up to date afterwards and keeps it (its mtime check), so nothing is generated twice.
+GENERATE = """
+import os
+from mutmut.__main__ import (copy_also_copy_files, copy_src_dir, create_mutants, setup_source_paths,
+                             store_lines_covered_by_tests)
+from mutmut.mutation.trampoline import set_mutant_under_test
+set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+copy_src_dir(); copy_also_copy_files(); setup_source_paths(); store_lines_covered_by_tests(); create_mutants(1)
+"""
+
+
+def generate(name: str, here: Path, env: dict) -> float:
+    return _timed(name, "generating the mutants", [sys.executable, "-c", GENERATE], here, env, "mutmut-generate.log")
+
+
+def in_scope(spec: dict, here: Path) -> list[str]:
+    """Every generated mutant of the module's functions (bench/mutation.toml `functions`, default all)."""
+    meta = json.loads((here / "mutants" / (spec["source"] + ".meta")).read_text())
+    globs = spec.get("functions", ["*"])
+    return sorted(k for k in meta["exit_code_by_key"] if any(fnmatch.fnmatchcase(k, g) for g in globs))
+
+
+def listed_equivalents(spec: dict, here: Path, mutants: list[str]) -> list[str]:
+    """The mutants whose function and mutated line are listed as equivalent in bench/mutation.toml, matched
+    exactly as collect() matches survivors: a listing whose line no longer occurs matches nothing."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    listed = {(e["function"], e["mutant"]) for e in spec.get("equivalent", [])}
+    functions = {f for f, _ in listed}
+    found = []
+    with _cwd(here):
+        for mutant in mutants:
+            function = _function(mutant)
+            if function in functions:
+                added = " / ".join(_added_lines(get_diff_for_mutant(mutant, path=spec["source"])))
+                if (function, added) in listed:
+                    found.append(mutant)
+    return found
+
+
+def mark_survived(spec: dict, here: Path, mutants: list[str]) -> None:
+    """Record `mutants` as survivors without running them (exit code 0 in mutmut's .meta): collect() then
+    reports them as the equivalents they are listed as."""
+    path = here / "mutants" / (spec["source"] + ".meta")
+    meta = json.loads(path.read_text())
+    for m in mutants:
+        meta["exit_code_by_key"][m] = 0
+    path.write_text(json.dumps(meta))
 
 
 def _commit() -> str:
@@ -175,14 +289,6 @@ def _commit() -> str:
     dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                            text=True).stdout.strip()
     return commit + ("+dirty" if dirty else "")
-
-
-def _children_cpu() -> float:
-    """User + system CPU seconds of every finished descendant (mutmut, its fork server, each mutant's run)."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _added_lines(diff: str) -> list[str]:
@@ -326,7 +432,14 @@ def _cold_estimate(modules: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", default="all", help="comma-separated names from bench/mutation.toml, or 'all'")
-    ap.add_argument("--max-children", type=int, default=None, help="mutants tested at once (default: config)")
+    ap.add_argument("--max-children", type=int, default=None, help="mutants tested at once in each lane (default: "
+                    "the config's cores divided among the lanes)")
+    ap.add_argument("--lanes", type=int, default=None, help="modules run at once (default: the config's, at most "
+                    "one per module): two lanes of one mutant keep both cores busy through each module's serial "
+                    "steps (generation, mutmut's stats and clean runs), where one lane of two leaves one idle")
+    ap.add_argument("--run-equivalent", action="store_true", help="also run the mutants listed as equivalent in "
+                    "bench/mutation.toml (by default they are recorded as surviving without a run: their listed "
+                    "reason is the verdict, and each would run every test that reaches its function)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch copies (outside the repo)")
     ap.add_argument("--out", type=Path, default=None, help="report folder (default: <workdir>/report; the "
                     "committed report is bench/results/mutation, written only when named)")
@@ -346,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in modules]
     if unknown:
         ap.error(f"unknown module(s) {unknown}; bench/mutation.toml has {sorted(modules)}")
-    children = args.max_children or run["max_children"]
+    lanes = max(1, min(args.lanes or run["lanes"], len(names)))
+    children = args.max_children or max(1, run["cores"] // lanes)
     workdir, out = args.workdir.resolve(), (args.out or args.workdir / "report").resolve()
     shared = Path(os.environ.get("CFR_SHARED", ROOT.parent / "shared")).resolve()
     base_env = dict(os.environ, CFR_SHARED=str(shared), CFR_TEST_MODELS=str(workdir / "models"),
@@ -356,55 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     if not (args.report_only or args.survivors):
         export_models({m for n in names for m in modules[n].get("models", [])}, workdir / "models")
-    results = []
     command = " ".join(["python", "bench/mutation.py", *(argv if argv is not None else sys.argv[1:])])
-    for name in names:
-        spec = modules[name]
-        here = workdir / name
-        t0 = time.time()
-        # the export modules: torch's trace made once per run and copied for every later mutant (tests/conftest.py)
-        env = dict(base_env, CFR_TRACE_CACHE=str(workdir / "traces")) if spec.get("trace_cache") else base_env
-        if args.survivors:  # the last run's survivors again, against the tests as they are now
-            mutants = [s["mutant"] for s in collect(name, spec, here)["survivors"]]
-            if not mutants:
-                print(f"[{name}] no survivors to rerun", flush=True)
-            else:
-                commit = _commit()
-                refresh_tests(spec, run, here, config=False)
-                cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-survivors.log")
-                record = json.loads((here / "run.json").read_text())
-                record.setdefault("reruns", []).append({"command": command, "commit": commit, "mutants": mutants,
-                                                        "seconds": time.time() - t0, "cpu_seconds": cpu})
-                (here / "run.json").write_text(json.dumps(record))
-        elif args.resume:
-            # an interrupted run, continued (e.g. with more --max-children once the machine is freer): the
-            # in-scope mutants without a verdict, with the tests as they are now and the first run's selection
-            # (changing it would make mutmut reset every verdict); finished verdicts stand
-            mutants, commit = unchecked(spec, here)[:args.limit], _commit()
-            refresh_tests(spec, run, here, config=False)
-            cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-resume.log") \
-                if mutants else 0.0
-            record = json.loads((here / "run.json").read_text())  # the interrupted part's, written when stopped
-            record.setdefault("resumed", []).append({"command": command, "commit": commit, "mutants": len(mutants),
-                                                     "seconds": time.time() - t0, "cpu_seconds": cpu,
-                                                     "max_children": children})
-            record["seconds"] += record["resumed"][-1]["seconds"]
-            record["cpu_seconds"] += cpu
-            record["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-            (here / "run.json").write_text(json.dumps(record))
-        elif not args.report_only:
-            commit = _commit()  # of the sources and tests copied now
-            here = prepare(name, spec, run, workdir)
-            cpu = _mutmut(name, ["--max-children", str(children), *spec.get("functions", [])], here, env, "mutmut.log")
-            # CPU seconds: what the module costs on an idle machine, whatever the load
-            (here / "run.json").write_text(json.dumps({
-                "seconds": time.time() - t0, "cpu_seconds": cpu, "commit": commit, "max_children": children,
-                "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()), "command": command}))
-        result = collect(name, spec, here)
-        result.update(json.loads((here / "run.json").read_text()) if (here / "run.json").is_file() else {})
-        c = result["counts"]
-        print(f"[{name}] {result['mutants']} mutants: {c}; score {result['score']:.1%}", flush=True)
-        results.append(result)
+
+    def one(name: str) -> dict:
+        return run_module(name, modules[name], run, args, workdir, base_env, command, children)
+
+    # the costliest modules first (the last committed report's CPU minutes), each taken by the next free lane
+    order = sorted(names, key=lambda n: -_last_cpu(n))
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        done = dict(zip(order, pool.map(one, order)))
+    results = [done[n] for n in names]
 
     import mutmut
 
@@ -413,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                   f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
                        "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-                       "seconds": time.time() - start, "max_children": children, "target": run["target"]},
+                       "seconds": time.time() - start, "max_children": children, "lanes": lanes,
+                       "target": run["target"]},
               "modules": results}
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "mutation"
@@ -424,6 +500,75 @@ def main(argv: list[str] | None = None) -> int:
     if missed:
         print(f"below the {run['target']:.0%} target: {', '.join(missed)}", file=sys.stderr)
     return 1 if missed else 0
+
+
+def _last_cpu(name: str) -> float:
+    """The module's CPU seconds in the committed report (0 when it has none): the lanes' scheduling order."""
+    try:
+        report = json.loads((ROOT / "bench" / "results" / "mutation" / "mutation.json").read_text())
+    except (OSError, ValueError):
+        return 0.0
+    return next((float(r.get("cpu_seconds", 0)) for r in report["modules"] if r["module"] == name), 0.0)
+
+
+def run_module(name: str, spec: dict, run: dict, args: argparse.Namespace, workdir: Path, base_env: dict,
+               command: str, children: int) -> dict:
+    """One module's run (fresh, --survivors, --resume or --report-only) and its collected result."""
+    here = workdir / name
+    t0 = time.time()
+    # the export modules: torch's trace made once per run and copied for every later mutant (tests/conftest.py)
+    env = dict(base_env, CFR_TRACE_CACHE=str(workdir / "traces")) if spec.get("trace_cache") else base_env
+    env = dict(env, CFR_MUTANT_COSTS=str(here / "mutmut-costs.jsonl"))  # each mutant's cost (ORDER_PLUGIN)
+    if args.survivors:  # the last run's survivors again, against the tests as they are now
+        with _CWD_LOCK:
+            mutants = [s["mutant"] for s in collect(name, spec, here)["survivors"]]
+        if not mutants:
+            print(f"[{name}] no survivors to rerun", flush=True)
+        else:
+            commit = _commit()
+            refresh_tests(spec, run, here, config=False)
+            cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-survivors.log")
+            record = json.loads((here / "run.json").read_text())
+            record.setdefault("reruns", []).append({"command": command, "commit": commit, "mutants": mutants,
+                                                    "seconds": time.time() - t0, "cpu_seconds": cpu})
+            (here / "run.json").write_text(json.dumps(record))
+    elif args.resume:
+        # an interrupted run, continued (e.g. with more --max-children once the machine is freer): the
+        # in-scope mutants without a verdict, with the tests as they are now and the first run's selection
+        # (changing it would make mutmut reset every verdict); finished verdicts stand
+        mutants, commit = unchecked(spec, here)[:args.limit], _commit()
+        refresh_tests(spec, run, here, config=False)
+        cpu = _mutmut(name, ["--max-children", str(children), *mutants], here, env, "mutmut-resume.log") \
+            if mutants else 0.0
+        record = json.loads((here / "run.json").read_text())  # the interrupted part's, written when stopped
+        record.setdefault("resumed", []).append({"command": command, "commit": commit, "mutants": len(mutants),
+                                                 "seconds": time.time() - t0, "cpu_seconds": cpu,
+                                                 "max_children": children})
+        record["seconds"] += record["resumed"][-1]["seconds"]
+        record["cpu_seconds"] += cpu
+        record["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        (here / "run.json").write_text(json.dumps(record))
+    elif not args.report_only:
+        commit = _commit()  # of the sources and tests copied now
+        here = prepare(name, spec, run, workdir)
+        cpu = generate(name, here, env)
+        mutants = in_scope(spec, here)
+        with _CWD_LOCK:
+            skipped = [] if args.run_equivalent else listed_equivalents(spec, here, mutants)
+        mark_survived(spec, here, skipped)
+        todo = sorted(set(mutants) - set(skipped))
+        cpu += _mutmut(name, ["--max-children", str(children), *todo], here, env, "mutmut.log", fresh=True)
+        # CPU seconds: what the module costs on an idle machine, whatever the load
+        (here / "run.json").write_text(json.dumps({
+            "seconds": time.time() - t0, "cpu_seconds": cpu, "commit": commit, "max_children": children,
+            "equivalent_not_run": len(skipped), "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "command": command}))
+    with _CWD_LOCK:
+        result = collect(name, spec, here)
+    result.update(json.loads((here / "run.json").read_text()) if (here / "run.json").is_file() else {})
+    c = result["counts"]
+    print(f"[{name}] {result['mutants']} mutants: {c}; score {result['score']:.1%}", flush=True)
+    return result
 
 
 if __name__ == "__main__":

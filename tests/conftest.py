@@ -198,6 +198,14 @@ def _trace_once_per_mutation_run(monkeypatch):
     import export.onnx_export as onnx_export
 
     monkeypatch.setattr(onnx_export, "trace_graph", cached_trace(onnx_export.trace_graph, Path(folder)))
+    # torch's forward on the verification cases, the other half of a small export's time: same argument (the
+    # key holds the graph's weights, its settings and the input bytes, so a mutant that feeds other inputs or
+    # builds another graph computes its own); export.verify imported the function by name, hence both patches
+    import export.verify as verify
+
+    cached = cached_reference(onnx_export.torch_reference, Path(folder) / "references")
+    monkeypatch.setattr(onnx_export, "torch_reference", cached)
+    monkeypatch.setattr(verify, "torch_reference", cached)
 
 
 def cached_trace(real, folder: Path):
@@ -219,3 +227,49 @@ def cached_trace(real, folder: Path):
             os.replace(tmp, cached)  # whole or absent for a concurrent mutant
 
     return trace_graph
+
+
+def reference_key(graph, inputs: dict) -> str:
+    """What torch's output on `inputs` depends on: every submodule's class and plain settings (flip, sizes),
+    the parameters and buffers, and the input arrays (names, dtypes, shapes, bytes)."""
+    import hashlib
+    import json
+
+    import numpy as np
+    import torch
+
+    h = hashlib.sha256()
+    for name, module in graph.named_modules():
+        settings = {k: v for k, v in vars(module).items()
+                    if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+        h.update(json.dumps([name, type(module).__qualname__, settings], sort_keys=True, default=str).encode())
+    for name, tensor in graph.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name in sorted(inputs):
+        a = np.ascontiguousarray(inputs[name])
+        h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def cached_reference(real, folder: Path):
+    """`real` (export.onnx_export.torch_reference) with its outputs kept in `folder` under reference_key."""
+    import numpy as np
+
+    def torch_reference(graph, inputs):
+        cached = folder / f"{reference_key(graph, inputs)}.npz"
+        if cached.is_file():
+            with np.load(cached) as f:
+                outs = [f[f"o{i}"] for i in range(len(f.files) - 1)]
+                return tuple(outs) if bool(f["is_tuple"]) else outs[0]
+        out = real(graph, inputs)
+        outs = list(out) if isinstance(out, tuple) else [out]
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.npz")
+        np.savez(tmp, is_tuple=isinstance(out, tuple), **{f"o{i}": o for i, o in enumerate(outs)})
+        os.replace(tmp, cached)  # whole or absent for a concurrent mutant
+        return out
+
+    return torch_reference

@@ -449,6 +449,9 @@ def test_output_range_edges_and_message():
                                    "a precision overflow; nothing was kept")
     assert worst_diff(0.5, np.array([0.5]), np.array([0.25])) == 0.5  # the running max keeps the larger
     assert worst_diff(0.0, np.array([0.5, 0.1], np.float32), np.array([0.25, 0.1], np.float32)) == 0.25
+    # NaN anywhere keeps NaN (max(0.0, nan) is 0.0, which once let NaN outputs verify)
+    assert np.isnan(worst_diff(0.0, np.array([np.nan], np.float32), np.zeros(1, np.float32)))
+    assert np.isnan(worst_diff(float("nan"), np.zeros(1, np.float32), np.zeros(1, np.float32)))
 
 
 def test_one_seed_and_one_reference_cache_per_run(tiny_checkpoint, tmp_path, monkeypatch):

@@ -1,14 +1,16 @@
-"""The trace cache of the export modules' mutation runs (tests/conftest.py, $CFR_TRACE_CACHE): a trace is reused
-only for the same module weights and contract, never for anything a mutant could change."""
+"""The trace and torch-reference caches of the export modules' mutation runs (tests/conftest.py, $CFR_TRACE_CACHE):
+a trace is reused only for the same module weights and contract, a reference only for the same graph (weights and
+settings) and the same input bytes: never for anything a mutant could change."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from cfr_runtime.contract import Contract
-from tests.conftest import cached_trace, trace_key
+from tests.conftest import cached_reference, cached_trace, reference_key, trace_key
 
 torch = pytest.importorskip("torch")
 
@@ -64,3 +66,55 @@ def test_a_trace_with_loose_weight_files_is_not_cached(tmp_path):
     (tmp_path / "t").mkdir()
     trace(module(), Contract(), tmp_path / "t" / "trace.onnx")
     assert not (tmp_path / "cache").exists()
+
+
+class Flipper(torch.nn.Module):
+    """A graph with a plain setting (like ContractGraph.flip) that changes its output but not its weights."""
+
+    def __init__(self, flip: bool, seed: int = 0):
+        super().__init__()
+        self.flip = flip
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x, y):
+        out = self.lin(x) + y
+        return (out.flip(0), out) if self.flip else out
+
+
+def inputs(seed: int = 0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.random((4, 3)).astype(dtype), "y": rng.random((4, 2)).astype(dtype)}
+
+
+def test_reference_key_is_the_graph_its_settings_and_the_input_bytes():
+    key = reference_key(Flipper(False), inputs())
+    assert key == reference_key(Flipper(False), inputs())
+    changed = inputs()
+    changed["y"][3, 1] += 1e-7
+    others = [reference_key(Flipper(True), inputs()), reference_key(Flipper(False, seed=1), inputs()),
+              reference_key(Flipper(False), inputs(1)), reference_key(Flipper(False), changed),
+              reference_key(Flipper(False), inputs(dtype=np.float64)),
+              reference_key(Flipper(False), {"x": inputs()["x"], "z": inputs()["y"]})]
+    assert len({key, *others}) == len(others) + 1
+
+
+def test_a_reference_is_computed_once_per_key_and_read_back_equal(tmp_path):
+    calls = []
+
+    def real(graph, feeds):
+        calls.append(graph.flip)
+        with torch.no_grad():
+            out = graph(*(torch.from_numpy(feeds[k]) for k in ("x", "y")))
+        return tuple(o.numpy() for o in out) if isinstance(out, tuple) else out.numpy()
+
+    ref = cached_reference(real, tmp_path / "refs")
+    for flip in (False, True):
+        first = ref(Flipper(flip), inputs())
+        again = ref(Flipper(flip), inputs())
+        want = real(Flipper(flip), inputs())
+        assert type(first) is type(again) is type(want)
+        for a, b, c in zip(*(x if isinstance(x, tuple) else (x,) for x in (first, again, want))):
+            assert a.dtype == b.dtype == c.dtype and np.array_equal(a, c) and np.array_equal(b, c)
+    assert calls == [False, False, True, True]  # per setting: one miss (the hit calls nothing), one direct call
+    assert len(list((tmp_path / "refs").iterdir())) == 2  # no temporary files left
