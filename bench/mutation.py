@@ -332,7 +332,15 @@ def collect(name: str, spec: dict, here: Path) -> dict:
     scored = total - counts.get("equivalent", 0) - counts.get("not checked", 0)
     # the selection the run used (its scratch copy's [tool.mutmut]; reruns keep it), which may predate the toml's
     used = tomllib.loads((here / "pyproject.toml").read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
+    costs = {}
+    if (here / "mutmut-costs.jsonl").is_file():  # the last line per mutant (a rerun appends)
+        for line in (here / "mutmut-costs.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["mutant"] in statuses:
+                costs[row["mutant"]] = row
     return {"module": name, "source": spec["source"], "functions": globs, "scope": spec.get("scope", ""),
+            "mutant_cpu_seconds": sum(r["cpu"] for r in costs.values()), "mutants_costed": len(costs),
+            "costliest": sorted(costs.values(), key=lambda r: -r["cpu"])[:5],
             "tests": spec["tests"], "selection_used": used,
             "exclude_tests": spec.get("exclude_tests", []), "mutants": total, "counts": counts,
             "score": detected / scored if scored else 1.0, "survivors": survivors, "equivalents": equivalents}
@@ -390,6 +398,20 @@ def markdown(report: dict) -> str:
         out += ["", "## Reruns of survivors (`--survivors`, after tests were added for them)", ""]
         out += [f"- {r['source']}: {len(x['mutants'])} mutants at commit {x['commit']}, "
                 f"{x['seconds'] / 60:.1f} min: `{x['command']}`" for r, x in reruns]
+    costed = [r for r in report["modules"] if r.get("costliest")]
+    if costed:
+        out += ["", "## Where the CPU goes (round-5 runner: `mutmut-costs.jsonl`, each mutant's test process)", "",
+                "| module | mutants costed | their CPU min | rest of the run (generation, stats run, mutmut) CPU min "
+                "| costliest mutants (CPU s, tests run, killing test) |", "|---|---:|---:|---:|---|"]
+        for r in costed:
+            worst = "; ".join(f"`{c['mutant'].rsplit('.', 1)[-1]}` {c['cpu']:.1f} s, {c['ran']} tests, "
+                              f"{(c['killer'] or 'survived').split('::')[-1]}" for c in r["costliest"][:3])
+            out.append(f"| {r['module']} | {r['mutants_costed']} | {r['mutant_cpu_seconds'] / 60:.1f} | "
+                       f"{(r.get('cpu_seconds', 0) - r['mutant_cpu_seconds']) / 60:.1f} | {worst} |")
+    skipped = [r for r in report["modules"] if r.get("equivalent_not_run")]
+    if skipped:
+        out += ["", "Listed equivalents recorded without a run (`--run-equivalent` runs them): "
+                + ", ".join(f"{r['module']} {r['equivalent_not_run']}" for r in skipped) + "."]
     for r in report["modules"]:
         if r["survivors"]:
             out += ["", f"## Survivors in {r['source']}", ""]
@@ -416,10 +438,14 @@ def _cold_estimate(modules: list[dict]) -> list[str]:
             cpu *= r["mutants"] / measured
             scaled.append(f"{r['module']} ({measured} of {r['mutants']} mutants measured: {cpu:.1f})")
         total += cpu
-    lines.append(f"Sum of the modules' CPU minutes: {total:.1f}; on 2 idle cores (2 mutants at once) a cold "
+    old = [r["module"] for r in modules if "equivalent_not_run" not in r and r.get("cpu_seconds", 0) > 0]
+    lines.append(f"Sum of the modules' CPU minutes: {total:.1f}; on 2 idle cores (two lanes) a cold "
                  f"`python bench/mutation.py --modules all` is expected to take about {total / 2:.0f} minutes of wall "
-                 "time (an estimate from these measured CPU times: mutmut's clean and stats runs use one core, "
-                 "so the real figure is somewhat longer).")
+                 "time (an estimate from these measured CPU times, not a timed run; the last module of each lane "
+                 "runs alone, so the real figure is somewhat longer).")
+    if old:
+        lines += ["", "Measured with the runner before round 5 (mutmut's clean rerun and the listed equivalents "
+                  "included, so these overstate what the current runner spends): " + ", ".join(old) + "."]
     if missing:
         lines += ["", "Not in the sum (no run measured enough of their mutants): " + "; ".join(missing) + "."]
     if scaled:
