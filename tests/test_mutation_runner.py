@@ -74,3 +74,22 @@ def test_cold_estimate_scales_partial_runs_and_names_the_older_runner():
     assert "c (100 mutants)" in text  # too few measured to scale
     assert "b (50 of 100 mutants measured: 10.0)" in text
     assert "runner before round 5" in text and ": b, c." in text
+
+
+def test_the_test_that_killed_a_function_s_mutants_goes_first(tmp_path):
+    here = _scratch(tmp_path, ["tests/test_own.py", "tests/test_slow.py"])
+    (here / "tests" / "test_slow.py").write_text("def test_slow_kills_too():\n    assert False\n")
+    costs = tmp_path / "costs.jsonl"
+    rows = [{"mutant": "pkg.mod.x_f__mutmut_1", "killer": "tests/test_slow.py::test_slow_kills_too"},
+            {"mutant": "pkg.mod.x_f__mutmut_2", "killer": "tests/test_slow.py::test_slow_kills_too"},
+            {"mutant": "pkg.mod.x_g__mutmut_1", "killer": "tests/test_own.py::test_a_kills"},
+            {"mutant": "pkg.mod.x_g__mutmut_2", "killer": "tests/test_own.py::test_a_kills"},
+            {"mutant": "pkg.mod.x_g__mutmut_3", "killer": "tests/test_own.py::test_a_kills"}]
+    lines = [json.dumps(r) for r in rows]
+    costs.write_text("\n".join(lines[:2] + ['{"torn'] + lines[2:]) + "\n")  # a damaged line is skipped
+    env = dict(os.environ, MUTANT_UNDER_TEST="pkg.mod.x_f__mutmut_3", CFR_MUTANT_COSTS=str(costs))
+    assert _pytest(here, env, "tests/test_own.py", "tests/test_slow.py").returncode == 1
+    row = json.loads(costs.read_text().splitlines()[-1])
+    # f's killer first (another function's more frequent killer does not count), not the module's own file
+    assert row["mutant"] == "pkg.mod.x_f__mutmut_3" and row["ran"] == 1
+    assert row["killer"] == "tests/test_slow.py::test_slow_kills_too"
