@@ -125,15 +125,16 @@ def pytest_collection_modifyitems(session, config, items):
 
     def key(item):
         path = item.nodeid.split("::")[0]
-        return -kills.get(item.nodeid, 0), rank.get(path, len(rank)), durations.get(item.nodeid, 0.0)
+        cost = kills.get(item.nodeid)
+        return cost is None, cost or 0.0, rank.get(path, len(rank)), durations.get(item.nodeid, 0.0)
 
     items.sort(key=key)
 
 
 def _kills_so_far():
-    """How often each test killed an earlier mutant of the same function in this run (mutmut-costs.jsonl): the
-    mutants of one function tend to die by the same test, so it goes first (the order never changes a verdict:
-    a mutant survives only if every test passes)."""
+    """The tests that killed earlier mutants of the same function in this run (mutmut-costs.jsonl), with the mean
+    CPU seconds those kills cost: the mutants of one function tend to die by the same tests, so they go first,
+    the cheapest killer first (the order never changes a verdict: a mutant survives only if every test passes)."""
     import os
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if "__mutmut_" not in mutant:
@@ -150,8 +151,8 @@ def _kills_so_far():
         except ValueError:  # a line being written by the other worker
             continue
         if row.get("killer") and row["mutant"].rsplit("__mutmut_", 1)[0] == function:
-            kills[row["killer"]] = kills.get(row["killer"], 0) + 1
-    return kills
+            kills.setdefault(row["killer"], []).append(row.get("cpu", 0.0))
+    return {{test: sum(cpu) / len(cpu) for test, cpu in kills.items()}}
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -80,16 +80,17 @@ def test_the_test_that_killed_a_function_s_mutants_goes_first(tmp_path):
     here = _scratch(tmp_path, ["tests/test_own.py", "tests/test_slow.py"])
     (here / "tests" / "test_slow.py").write_text("def test_slow_kills_too():\n    assert False\n")
     costs = tmp_path / "costs.jsonl"
-    rows = [{"mutant": "pkg.mod.x_f__mutmut_1", "killer": "tests/test_slow.py::test_slow_kills_too"},
-            {"mutant": "pkg.mod.x_f__mutmut_2", "killer": "tests/test_slow.py::test_slow_kills_too"},
-            {"mutant": "pkg.mod.x_g__mutmut_1", "killer": "tests/test_own.py::test_a_kills"},
-            {"mutant": "pkg.mod.x_g__mutmut_2", "killer": "tests/test_own.py::test_a_kills"},
-            {"mutant": "pkg.mod.x_g__mutmut_3", "killer": "tests/test_own.py::test_a_kills"}]
+    rows = [{"mutant": "pkg.mod.x_f__mutmut_1", "killer": "tests/test_slow.py::test_slow_kills_too", "cpu": 1.0},
+            {"mutant": "pkg.mod.x_f__mutmut_2", "killer": "tests/test_own.py::test_a_kills", "cpu": 9.0},
+            {"mutant": "pkg.mod.x_f__mutmut_4", "killer": "tests/test_own.py::test_a_kills", "cpu": 7.0},
+            {"mutant": "pkg.mod.x_g__mutmut_1", "killer": "tests/test_own.py::test_a_kills", "cpu": 0.1},
+            {"mutant": "pkg.mod.x_g__mutmut_2", "killer": "tests/test_own.py::test_a_kills", "cpu": 0.1}]
     lines = [json.dumps(r) for r in rows]
     costs.write_text("\n".join(lines[:2] + ['{"torn'] + lines[2:]) + "\n")  # a damaged line is skipped
     env = dict(os.environ, MUTANT_UNDER_TEST="pkg.mod.x_f__mutmut_3", CFR_MUTANT_COSTS=str(costs))
     assert _pytest(here, env, "tests/test_own.py", "tests/test_slow.py").returncode == 1
     row = json.loads(costs.read_text().splitlines()[-1])
-    # f's killer first (another function's more frequent killer does not count), not the module's own file
+    # f's cheapest killer first (by the mean cost of its kills of f; g's cheap kills do not count), before the
+    # module's own file
     assert row["mutant"] == "pkg.mod.x_f__mutmut_3" and row["ran"] == 1
     assert row["killer"] == "tests/test_slow.py::test_slow_kills_too"
