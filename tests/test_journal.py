@@ -7,6 +7,7 @@ evaluates; the `_Journal` tests pin the file format itself without a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import pytest
 from click.testing import CliRunner
 
 import cfr_runtime.evaluate as ev
-from cfr_runtime.cli_eval import _Journal
+from cfr_runtime.cli_eval import _Journal, _model_sha256
 from cfr_runtime.cli_eval import main as eval_main
 from cfr_runtime.errors import CfrError
 from cfr_runtime.evaluate import InstanceResult
 from tests.conftest import blob_dataset, blob_scene
+from tests.test_fileio import deadline  # noqa: F401 (a fixture: a looping hash fails in seconds)
 
 N = 4
 TORN = '{"id": "2", "ious": [0.1'
@@ -156,15 +158,8 @@ def test_max_clicks_up_to_the_models_capacity(run, monkeypatch):
     assert spy.ids == ["0"]
 
 
-def test_journal_header_records_every_setting(default_onnx, tmp_path):
-    """The header is what --resume compares: the model's hash, the dataset's absolute path and every option
-    that changes results, with their values as this run used them; and the options reach the Session: the
-    run equals the API restatement, on a scene where each option changes the result."""
-    import hashlib
-
-    from cfr_runtime import Engine, Session
-    from cfr_runtime.datasets import open_dataset
-
+def _option_scene(tmp_path: Path) -> Path:
+    """One instance where each result-changing option of cfr-eval changes the result (checked where used)."""
     data = tmp_path / "ds"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
@@ -173,6 +168,26 @@ def test_journal_header_records_every_setting(default_onnx, tmp_path):
     mask[:, :20] = 128  # 'anynonzero' reads it as object, the folder's guessed 'grabcut' as ignore
     assert cv2.imwrite(str(data / "images" / "0.png"), img[..., ::-1])
     assert cv2.imwrite(str(data / "masks" / "0.png"), mask)
+    return data
+
+
+def _restated(model: Path, data: Path, encoding: str = "anynonzero", **kw) -> InstanceResult:
+    """The scene's instance evaluated through the API (A-CFR-2, threshold 1e6, 2 clicks, target 0.9 unless
+    `kw` says otherwise): what cfr-eval with the same options must give."""
+    from cfr_runtime import Engine, Session
+    from cfr_runtime.datasets import open_dataset
+
+    (inst,) = open_dataset(data, encoding)
+    options = dict(cfr=2, adaptive=True, cfr_threshold=1000000, cfr_clicks=None, zoom_in=False)
+    return EVALUATE_INSTANCE(Session(Engine(model), **{**options, **kw}), *inst.load(), inst.id, max_clicks=2,
+                             target_iou=0.9)
+
+
+def test_journal_header_records_every_setting(default_onnx, tmp_path):
+    """The header is what --resume compares: the model's hash, the dataset's absolute path and every option
+    that changes results, with their values as this run used them; and the options reach the Session: the
+    run equals the API restatement, on a scene where each option changes the result."""
+    data = _option_scene(tmp_path)
     out = tmp_path / "r.json"
     result = CliRunner().invoke(eval_main, [
         str(default_onnx), "--dataset", str(data), "--max-clicks", "2", "--json", str(out), "--cfr", "2", "--acfr",
@@ -186,13 +201,9 @@ def test_journal_header_records_every_setting(default_onnx, tmp_path):
                       "target_iou": 0.9}
     summary = json.loads(out.read_text())
     assert summary["mode"] == "A-CFR-2" and summary["cfr_clicks"] == "all" and summary["zoom_in"] is False
-    engine = Engine(default_onnx)
 
     def restated(encoding="anynonzero", **kw):
-        (inst,) = open_dataset(data, encoding)
-        options = dict(cfr=2, adaptive=True, cfr_threshold=1000000, cfr_clicks=None, zoom_in=False)
-        return EVALUATE_INSTANCE(Session(engine, **{**options, **kw}), *inst.load(), inst.id, max_clicks=2,
-                                 target_iou=0.9)
+        return _restated(default_onnx, data, encoding, **kw)
 
     want, got = restated(), summary["instances"][0]
     assert got["clicks"] == want.clicks and got["forwards"] == want.forwards and got["ious"] == want.ious
@@ -200,6 +211,38 @@ def test_journal_header_records_every_setting(default_onnx, tmp_path):
     # each option matters on this scene, so the comparison above checks that each one reached the Session
     for other in (restated(adaptive=False), restated(cfr_threshold=20), restated(zoom_in=True),
                   restated(cfr_clicks=1), restated("grabcut")):
+        assert (other.forwards, other.ious) != (want.forwards, want.ious)
+
+
+def test_default_cfr_clicks_zoom_and_threads_reach_the_run(default_onnx, tmp_path, monkeypatch):
+    """The other side of the header test: the defaults it overrides (CFR on the first click only, zoom-in on)
+    reach the Session too, each changing the result on this scene, and --threads reaches ONNX Runtime as the
+    session's intra-op thread count (read back from the InferenceSession cfr-eval created)."""
+    import onnxruntime as ort
+
+    sessions = []
+
+    class Recorded(ort.InferenceSession):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            sessions.append(self)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorded)
+    data = _option_scene(tmp_path)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(eval_main, [
+        str(default_onnx), "--dataset", str(data), "--max-clicks", "2", "--json", str(out), "--cfr", "2", "--acfr",
+        "--acfr-threshold", "1000000", "--target-iou", "0.9", "--mask-encoding", "anynonzero", "--threads", "3"])
+    assert result.exit_code == 0, result.output
+    assert [s.get_session_options().intra_op_num_threads for s in sessions] == [3]
+    header = json.loads(out.with_suffix(".jsonl").read_text().split("\n")[0])
+    assert header["cfr_clicks"] == 1 and header["zoom_in"] is True
+    got = json.loads(out.read_text())["instances"][0]
+    want = _restated(default_onnx, data, cfr_clicks=1, zoom_in=True)
+    assert (got["clicks"], got["forwards"], got["ious"]) == (want.clicks, want.forwards, want.ious)
+    assert want.forwards == [2, 1]  # CFR on the first click only
+    for other in (_restated(default_onnx, data, cfr_clicks=None, zoom_in=True),
+                  _restated(default_onnx, data, cfr_clicks=1, zoom_in=False)):
         assert (other.forwards, other.ious) != (want.forwards, want.ious)
 
 
@@ -341,3 +384,13 @@ def test_resume_refuses_a_file_that_is_not_a_journal(tmp_path, text):
     with pytest.raises(CfrError, match="not a cfr-eval journal"):
         _Journal(path, HEADER, resume=True)
     assert path.read_text() == text
+
+
+@pytest.mark.parametrize("size", [5, (1 << 20) + 12345])
+def test_model_hash_is_the_sha256_of_the_whole_file(tmp_path, deadline, size):  # noqa: F811 (the fixture)
+    """The header's model_sha256, checked directly: a mutant that loops on the file's end fails here in seconds
+    (the end-to-end tests only reach it through the runner's per-mutant timeout, minutes each)."""
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data)
+    assert _model_sha256(path) == hashlib.sha256(data).hexdigest()
