@@ -5,7 +5,6 @@ Options follow the shared vocabulary of `cfr_runtime.cli_options`; results are n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from .cli_options import (
     threads_option,
 )
 from .errors import CfrError, InputError
+from .fileio import file_sha256
 from .modes import MAX_CFR, Mode
 
 
@@ -117,14 +117,6 @@ class _Journal:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _model_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -286,7 +278,7 @@ def _run(state: dict, model: Path, dataset_dir: Path, mask_encoding: str | None,
             json_out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"--json {json_out}: cannot create its folder ({exc.strerror or exc})") from None
-        header = {"cfr_eval_journal": 1, "model_sha256": _model_sha256(model), "dataset": str(dataset_dir.resolve()),
+        header = {"cfr_eval_journal": 1, "model_sha256": file_sha256(model), "dataset": str(dataset_dir.resolve()),
                   "mask_encoding": mask_encoding, "mode": mode, "acfr_threshold": acfr_threshold,
                   "cfr_clicks": cfr_clicks, "zoom_in": not no_zoom, "max_clicks": max_clicks,
                   "target_iou": target_iou}

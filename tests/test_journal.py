@@ -17,12 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 import cfr_runtime.evaluate as ev
-from cfr_runtime.cli_eval import _Journal, _model_sha256
+from cfr_runtime.cli_eval import _Journal
 from cfr_runtime.cli_eval import main as eval_main
 from cfr_runtime.errors import CfrError
 from cfr_runtime.evaluate import InstanceResult
 from tests.conftest import blob_dataset, blob_scene
-from tests.test_fileio import deadline  # noqa: F401 (a fixture: a looping hash fails in seconds)
 
 N = 4
 TORN = '{"id": "2", "ious": [0.1'
@@ -384,13 +383,3 @@ def test_resume_refuses_a_file_that_is_not_a_journal(tmp_path, text):
     with pytest.raises(CfrError, match="not a cfr-eval journal"):
         _Journal(path, HEADER, resume=True)
     assert path.read_text() == text
-
-
-@pytest.mark.parametrize("size", [5, (1 << 20) + 12345])
-def test_model_hash_is_the_sha256_of_the_whole_file(tmp_path, deadline, size):  # noqa: F811 (the fixture)
-    """The header's model_sha256, checked directly: a mutant that loops on the file's end fails here in seconds
-    (the end-to-end tests only reach it through the runner's per-mutant timeout, minutes each)."""
-    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    path = tmp_path / "model.onnx"
-    path.write_bytes(data)
-    assert _model_sha256(path) == hashlib.sha256(data).hexdigest()
