@@ -31,7 +31,7 @@ from export.verify import (
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory):
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mx"), size=224, max_points=6)
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mx"), size=64, max_points=6)
 
 
 def recount(path, graph, contract, seed: int) -> tuple[float, float, int]:
@@ -382,7 +382,7 @@ def test_commit_graph_over_a_graph_whose_data_file_is_already_gone(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported_full(tiny_checkpoint, tmp_path_factory):
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mf"), size=224, max_points=6, graph="full")
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mf"), size=64, max_points=6, graph="full")
 
 
 def recount_full(path, graph, contract, seed: int) -> tuple[float, float, int]:
@@ -531,7 +531,7 @@ def test_verification_runs_on_the_cpu_provider(exported, monkeypatch):
 
 @pytest.fixture(scope="module")
 def exported_batched(tiny_checkpoint, tmp_path_factory):
-    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mb"), size=224, max_points=6, max_batch=2)
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("mb"), size=64, max_points=6, max_batch=2)
 
 
 def test_batched_verification_runs_the_cases_as_one_call(exported_batched, monkeypatch):
