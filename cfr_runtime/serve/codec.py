@@ -193,6 +193,8 @@ def decode_upload(data: bytes, limits: UploadLimits, background: tuple[int, int,
         if img.getexif().get(ORIENTATION, 1) not in (None, 1):  # exif_transpose copies even when upright
             img = ImageOps.exif_transpose(img)
         rgb = to_rgb(img, background)
+    except CfrError:  # to_rgb's own refusal (a ValueError too) keeps its status and words
+        raise
     except (OSError, ValueError, SyntaxError, struct.error, EOFError) as exc:
         raise http_error(InputError, 400, f"the {header.format} upload is corrupt or truncated ({exc})") from None
     if rgb.shape[:2] != (header.height, header.width) and rgb.shape[:2] != (header.width, header.height):
@@ -210,11 +212,16 @@ def to_rgb(img, background: tuple[int, int, int] = PAGE_BACKGROUND) -> np.ndarra
     if mode.startswith("I"):  # I;16, I;16B, I;16L (16-bit) and I (32-bit int: read as 16-bit, clipped)
         a = np.asarray(img)
         gray = ((np.clip(a, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit grayscale PNG's tRNS: the pixels of that (16-bit) value are transparent
+            rgb[a == key] = background
+        return rgb
     if mode == "F":
         raise http_error(InputError, 415, "32-bit floating-point images are not accepted; save it as 8 or 16 bit")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) or (
-            mode in ("L", "RGB") and "transparency" in img.info):
+    if mode == "La":  # gray + premultiplied alpha (TIFF): PIL converts it to LA and to nothing else
+        img, mode = img.convert("LA"), "LA"
+    if mode in ("RGBA", "LA", "PA", "RGBa") or (mode in ("1", "L", "P", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (*background, 255))
         return np.asarray(Image.alpha_composite(base, rgba).convert("RGB"))
