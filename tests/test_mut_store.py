@@ -650,3 +650,42 @@ def test_hold_makes_room_for_the_requester_and_hands_the_pages_back(ten_mb_sessi
     assert dict(store._reserved) == {}
     store.hold(40 * MB, "A")  # fits: nothing evicted, nothing handed back
     assert list(store._entries) == ["a1"] and ten_mb_sessions == [1]
+
+
+def test_client_limit_evicts_as_many_of_its_own_sessions_as_it_takes():
+    """A holds 3 idle sessions, its limit is 2 and it opens a new one: two of its own go (LRU first), B's stays."""
+    lim = StoreLimits(client_max_sessions=2, max_sessions=10, max_memory_mb=100)
+    store = store_with([("a1", "A", 1, False), ("b1", "B", 1, False), ("a2", "A", 1, False),
+                        ("a3", "A", 1, False)], lim)
+    assert store._make_room("A", 0, 1) == 2 and list(store._entries) == ["b1", "a3"]
+    assert store.evicted == {"idle": 0, "count": 2, "memory": 0}
+
+
+@pytest.mark.parametrize("c_bytes,kept", [(0, ["a2", "b1"]), (1, ["a1", "a2"])])
+def test_a_client_holding_any_byte_is_a_holder(c_bytes, kept):
+    """cap 100 MB, A 60 in two sessions, B 30, C holds c_bytes (a body). B needs 20 MB: with C at 0 bytes the share is
+    50 (B within: A's LRU goes), with C at 1 byte it is 33 (B beyond: its own goes)."""
+    lim = StoreLimits(max_memory_mb=100, max_sessions=10, client_max_sessions=10)
+    store = store_with([("a1", "A", 30, False), ("a2", "A", 30, False), ("b1", "B", 30, False)], lim)
+    store.hold(c_bytes, "C")
+    assert store._make_room("B", 20 * MB, 1) == 1 and list(store._entries) == kept
+
+
+def test_only_the_count_share_decides_when_only_the_count_is_over():
+    """4 sessions at most (2 per client for 2 clients); B holds 60 MB of 100 in one session and opens a second of
+    10 MB: memory fits, so B's 70 MB beyond half the memory does not matter; B at exactly its count share may evict
+    A's least recently used session."""
+    lim = StoreLimits(max_memory_mb=100, max_sessions=4, client_max_sessions=10)
+    store = store_with([("a1", "A", 1, False), ("a2", "A", 1, False), ("a3", "A", 1, False),
+                        ("b1", "B", 60, False)], lim)
+    assert store._make_room("B", 10 * MB, 1) == 1 and list(store._entries) == ["a2", "a3", "b1"]
+    assert store.evicted == {"idle": 0, "count": 1, "memory": 0}
+
+
+def test_only_the_memory_share_decides_when_only_memory_is_over():
+    """cap 100 MB, 4 sessions; B holds 2 of 1 MB and needs 20 MB more in a third: the count fits, so B's 3 sessions
+    beyond half the count do not matter; B within its memory share evicts A's 80 MB session."""
+    lim = StoreLimits(max_memory_mb=100, max_sessions=4, client_max_sessions=10)
+    store = store_with([("a1", "A", 80, False), ("b1", "B", 1, False), ("b2", "B", 1, False)], lim)
+    assert store._make_room("B", 20 * MB, 1) == 1 and list(store._entries) == ["b1", "b2"]
+    assert store.evicted == {"idle": 0, "count": 0, "memory": 1}
