@@ -689,3 +689,16 @@ def test_only_the_memory_share_decides_when_only_memory_is_over():
     store = store_with([("a1", "A", 80, False), ("b1", "B", 1, False), ("b2", "B", 1, False)], lim)
     assert store._make_room("B", 20 * MB, 1) == 1 and list(store._entries) == ["b1", "b2"]
     assert store.evicted == {"idle": 0, "count": 0, "memory": 1}
+
+
+def test_checkout_takes_an_idle_session_before_waiting_for_a_busy_one(engine, frame):
+    """The [p2] session (the longer prefix for [p2, p1]) is in use and the [p1] one idle: the request takes the idle
+    one at once (kept 0) and never waits for the busy one (a wait there would hold it until that request ends)."""
+    store = SessionStore(engine, StoreLimits(max_per_key=2))
+    busy, idle = store.create(frame, key="img|StdInfer"), store.create(frame, key="img|StdInfer")
+    busy.session.add_click(100, 70)
+    idle.session.add_click(80, 60)
+    busy.lock = WaitLock()
+    with store.replay("img", lambda: frame, [(100, 70, True), (80, 60, True)]) as r:
+        assert r.entry is idle and (r.kept, r.created) == (0, False)
+    assert not busy.lock.waited and idle.session.clicks == [Click(100, 70, True), Click(80, 60, True)]
