@@ -403,6 +403,29 @@ def recount_full(path, graph, contract, seed: int) -> tuple[float, float, int]:
     return worst, disagree, len(cases)
 
 
+@pytest.mark.parametrize("want_at, got_at, share", [(0.0, -0.25, 0.0), (-0.25, 0.0, 0.0), (0.25, -0.25, 1.0)])
+def test_full_graph_mask_disagreement_counts_strictly_above_the_threshold(exported_full, monkeypatch, want_at, got_at,
+                                                                          share):
+    """As on the square graph: a pixel exactly at the threshold is out of the mask, for the graph and for torch
+    (crafted maps of each case's size in place of torch's and ONNX Runtime's; the box and change-count check,
+    pinned by its own tests, is left out)."""
+    import onnxruntime as ort
+
+    import export.verify as verify
+
+    path, contract, graph = exported_full
+    t = contract.threshold
+
+    def full(feeds, at):
+        return np.full(feeds["prev_probs"].shape, t + at, np.float32)
+
+    monkeypatch.setattr(verify, "torch_reference", lambda graph, inputs: (full(inputs, want_at),))
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, names, feeds, *rest: [full(feeds, got_at)])
+    monkeypatch.setattr(verify, "_check_full_outputs", lambda *args: None)
+    report = verify_onnx(path, graph, contract, seed=1, tolerance=1.0)
+    assert report.mask_disagreement == share and report.max_abs_diff == pytest.approx(abs(want_at - got_at))
+
+
 def test_full_graph_figures_match_an_independent_count_and_the_tolerance_edge(exported_full):
     from export.onnx_export import full_verification_cases
 
