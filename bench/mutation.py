@@ -555,12 +555,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _last_cpu(name: str) -> float:
-    """The module's CPU seconds in the committed report (0 when it has none): the lanes' scheduling order."""
+    """The module's CPU seconds in the committed report: the lanes' scheduling order. A module without a
+    complete measured run counts as the costliest (round 5's cold run left export_cli, never measured, for last,
+    where it ran alone on one core)."""
     try:
         report = json.loads((ROOT / "bench" / "results" / "mutation" / "mutation.json").read_text())
     except (OSError, ValueError):
-        return 0.0
-    return next((float(r.get("cpu_seconds", 0)) for r in report["modules"] if r["module"] == name), 0.0)
+        return float("inf")
+    row = next((r for r in report["modules"] if r["module"] == name), None)
+    if row is None or row.get("interrupted") or not row.get("cpu_seconds"):
+        return float("inf")
+    return float(row["cpu_seconds"])
 
 
 def run_module(name: str, spec: dict, run: dict, args: argparse.Namespace, workdir: Path, base_env: dict,
