@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", default="all", help="comma-separated names from bench/mutation.toml, or 'all'")
     ap.add_argument("--max-children", type=int, default=None, help="mutants tested at once in each lane (default: "
-                    "the config's cores divided among the lanes)")
+                    "the config's cores divided among the lanes, times its oversubscribe)")
     ap.add_argument("--lanes", type=int, default=None, help="modules run at once (default: the config's, at most "
                     "one per module): two lanes of one mutant keep both cores busy through each module's serial "
                     "steps (generation, mutmut's stats and clean runs), where one lane of two leaves one idle")
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown module(s) {unknown}; bench/mutation.toml has {sorted(modules)}")
     lanes = max(1, min(args.lanes or run["lanes"], len(names)))
-    children = args.max_children or max(1, run["cores"] // lanes)
+    children = args.max_children or max(1, run["cores"] // lanes) * run.get("oversubscribe", 1)
     workdir, out = args.workdir.resolve(), (args.out or args.workdir / "report").resolve()
     shared = Path(os.environ.get("CFR_SHARED", ROOT.parent / "shared")).resolve()
     base_env = dict(os.environ, CFR_SHARED=str(shared), CFR_TEST_MODELS=str(workdir / "models"),
