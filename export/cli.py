@@ -125,7 +125,7 @@ def main(checkpoint: Path, engine: str, device: str, out_dir: Path, overwrite: b
 
 
 def _export(checkpoint: Path, engine: str, device: str, out_dir: Path, size: int | None, max_points: int,
-            flip: bool, fp16: bool, int8: bool, verify_seed: int | None, limits: dict, max_batch: int = 1) -> None:
+            flip: bool, fp16: bool, int8: bool, verify_seed: int | None, limits: dict, max_batch: int) -> None:
     """Every artifact in turn, each verified against the fp32 torch graph before it takes its real name."""
     aoti_device = _preflight(engine, device)
     from .verify import TorchReferences, export_verified, fresh_seed

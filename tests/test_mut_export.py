@@ -191,6 +191,30 @@ def test_cli_notes_nothing_at_the_trained_size(tiny_checkpoint, tmp_path):
     assert result.output.splitlines()[0] == f"wrote {tmp_path / 'model.onnx'}"
 
 
+def test_cli_notes_nothing_for_a_checkpoint_that_does_not_record_its_size(tmp_path, monkeypatch, capsys):
+    """An architecture without backbone_params.img_size (older checkpoints): the size note is left out, the
+    export goes on (export_verified replaced by its answer for such a checkpoint: the note is the unit here)."""
+    import export.cli as cli
+    import export.verify as verify
+    from cfr_runtime.contract import Contract
+
+    contract = Contract(input_size=224, max_points=6, arch={"backbone_params": {"depth": 2}})
+    report = verify.VerifyReport(0.0, 0.0, 4, 1e-4)
+    monkeypatch.setattr(verify, "export_verified", lambda *a, **k: (tmp_path / "model.onnx", contract, None, report))
+    cli._export(tmp_path / "ck.pth", "onnx", "cpu", tmp_path, None, 6, True, False, False, 1, {}, 1)
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'model.onnx'}", f"  fp32: {report}"]
+
+
+@pytest.mark.parametrize("size, shown", [(5_000_000, "0.01"), (4_999_999, "0.00"), (2_604_000_000, "2.60")])
+def test_cli_gives_a_data_file_size_in_gigabytes_of_a_billion_bytes(tmp_path, monkeypatch, size, shown):
+    import cfr_runtime.onnx_file as onnx_file
+    import export.cli as cli
+
+    record = onnx_file.DataFile(name="model.onnx.data", size=size, sha256="0" * 64)
+    monkeypatch.setattr(onnx_file, "data_file", lambda path: record)
+    assert cli._with_data(tmp_path / "model.onnx") == f"{tmp_path / 'model.onnx'} (+ model.onnx.data, {shown} GB)"
+
+
 def test_int8_rejected_keeps_the_old_file_and_no_staging(exported, tiny_checkpoint, tmp_path, monkeypatch):
     args = [str(tiny_checkpoint), "-o", str(tmp_path), "--size", "224", "--max-points", "6", "--verify-seed", "3",
             "--int8"]
