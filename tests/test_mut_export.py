@@ -191,14 +191,15 @@ def test_cli_notes_nothing_at_the_trained_size(tiny_checkpoint, tmp_path):
     assert result.output.splitlines()[0] == f"wrote {tmp_path / 'model.onnx'}"
 
 
-def test_cli_notes_nothing_for_a_checkpoint_that_does_not_record_its_size(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("arch", [{"backbone_params": {"depth": 2}}, {}])
+def test_cli_notes_nothing_for_a_checkpoint_that_does_not_record_its_size(tmp_path, monkeypatch, capsys, arch):
     """An architecture without backbone_params.img_size (older checkpoints): the size note is left out, the
     export goes on (export_verified replaced by its answer for such a checkpoint: the note is the unit here)."""
     import export.cli as cli
     import export.verify as verify
     from cfr_runtime.contract import Contract
 
-    contract = Contract(input_size=224, max_points=6, arch={"backbone_params": {"depth": 2}})
+    contract = Contract(input_size=224, max_points=6, arch=arch)
     report = verify.VerifyReport(0.0, 0.0, 4, 1e-4)
     monkeypatch.setattr(verify, "export_verified", lambda *a, **k: (tmp_path / "model.onnx", contract, None, report))
     cli._export(tmp_path / "ck.pth", "onnx", "cpu", tmp_path, None, 6, True, False, False, 1, {}, 1)
