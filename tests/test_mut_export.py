@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cfr_runtime.contract import INPUT_NAMES, OUTPUT_PROBS
+from cfr_runtime.errors import CfrError
 from export import graph_file
 from export.cli import main as export_main
 from export.graph_file import copy_graph
@@ -204,6 +205,33 @@ def test_cli_notes_nothing_for_a_checkpoint_that_does_not_record_its_size(tmp_pa
     monkeypatch.setattr(verify, "export_verified", lambda *a, **k: (tmp_path / "model.onnx", contract, None, report))
     cli._export(tmp_path / "ck.pth", "onnx", "cpu", tmp_path, None, 6, True, False, False, 1, {}, 1)
     assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'model.onnx'}", f"  fp32: {report}"]
+
+
+def test_int8_is_staged_in_a_hidden_partial_folder_beside_its_target(tmp_path, monkeypatch, capsys):
+    """docs/large-models.md: a killed export leaves its staging folder, hidden and named `.partial`, which may be
+    deleted; the int8 graph is quantized there under its final name (the quantizer replaced by a recorder that
+    stops the run; the export before it by its answer)."""
+    import export.cli as cli
+    import export.quantize as quantize
+    import export.verify as verify
+    from cfr_runtime.contract import Contract
+
+    contract = Contract(input_size=224, max_points=6)
+    report = verify.VerifyReport(0.0, 0.0, 4, 1e-4)
+    monkeypatch.setattr(verify, "export_verified", lambda *a, **k: (tmp_path / "model.onnx", contract, None, report))
+    seen = []
+
+    def quantize_int8(src, staged):
+        seen.append((src, staged))
+        raise CfrError("stop here")
+
+    monkeypatch.setattr(quantize, "quantize_int8", quantize_int8)
+    with pytest.raises(CfrError, match="stop here"):
+        cli._export(tmp_path / "ck.pth", "onnx", "cpu", tmp_path, None, 6, True, False, True, 1, {}, 1)
+    ((src, staged),) = seen
+    assert src == tmp_path / "model.onnx" and staged.name == "model_int8.onnx" and staged.parent.parent == tmp_path
+    assert re.fullmatch(r"\.model_int8\.onnx\..+\.partial", staged.parent.name), staged.parent.name
+    assert not staged.parent.exists()  # removed on the error
 
 
 @pytest.mark.parametrize("size, shown", [(5_000_000, "0.01"), (4_999_999, "0.00"), (2_604_000_000, "2.60")])
