@@ -390,6 +390,9 @@ def markdown(report: dict) -> str:
            f"mutmut {m['mutmut']}, {m['machine']}, mutants at once per module in the JSON; load average "
            f"{m['load_before']} before the report, each module's after its run in the JSON; {wall / 60:.1f} min wall, "
            f"{cpu / 60:.1f} CPU min over the modules' runs.", "",
+           *([f"**Timed run**: this command took {m['seconds'] / 60:.1f} minutes from start to report ({m['lanes']} "
+              f"lanes, mutants at once in each: {m['max_children']}), load average {m['load_before']} when it "
+              f"started, {m['load_after']} at the end.", ""] if m.get("timed") and m.get("lanes") else []),
            f"Score = (killed + timed out) / (mutants - equivalent - not run); target {m['target']:.0%} per module.", "",
            "Minutes: wall time under the load of the moment; CPU minutes: what the module's run used, whatever the "
            "load (user + system time of mutmut and every test process it forked).", "",
@@ -541,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
                        "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
                        "seconds": time.time() - start, "max_children": children, "lanes": lanes,
+                       "timed": not (args.report_only or args.survivors or args.resume),
                        "target": run["target"]},
               "modules": results}
     out.mkdir(parents=True, exist_ok=True)
