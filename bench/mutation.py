@@ -273,11 +273,17 @@ def generate(name: str, here: Path, env: dict) -> float:
     return _timed(name, "generating the mutants", [sys.executable, "-c", GENERATE], here, env, "mutmut-generate.log")
 
 
-def in_scope(spec: dict, here: Path) -> list[str]:
-    """Every generated mutant of the module's functions (bench/mutation.toml `functions`, default all)."""
+def verdicts(spec: dict, here: Path) -> dict[str, int | None]:
+    """mutmut's exit code (None: not run yet) of every generated mutant of the module's functions
+    (bench/mutation.toml `functions`, default all), from the scratch copy's .meta."""
     meta = json.loads((here / "mutants" / (spec["source"] + ".meta")).read_text())
     globs = spec.get("functions", ["*"])
-    return sorted(k for k in meta["exit_code_by_key"] if any(fnmatch.fnmatchcase(k, g) for g in globs))
+    return {k: v for k, v in meta["exit_code_by_key"].items() if any(fnmatch.fnmatchcase(k, g) for g in globs)}
+
+
+def in_scope(spec: dict, here: Path) -> list[str]:
+    """Every generated mutant of the module's functions."""
+    return sorted(verdicts(spec, here))
 
 
 def listed_equivalents(spec: dict, here: Path, mutants: list[str]) -> list[str]:
@@ -334,10 +340,8 @@ def collect(name: str, spec: dict, here: Path) -> dict:
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
 
-    meta = json.loads((here / "mutants" / (spec["source"] + ".meta")).read_text())
     globs = spec.get("functions", ["*"])
-    statuses = {k: status_by_exit_code[v] for k, v in meta["exit_code_by_key"].items()
-                if any(fnmatch.fnmatchcase(k, g) for g in globs)}
+    statuses = {k: status_by_exit_code[v] for k, v in verdicts(spec, here).items()}
     equivalent = {(e["function"], e["mutant"]): e["reason"] for e in spec.get("equivalent", [])}
     survivors, equivalents, counts = [], [], {}
     with _cwd(here):
@@ -374,10 +378,7 @@ def collect(name: str, spec: dict, here: Path) -> dict:
 
 def unchecked(spec: dict, here: Path) -> list[str]:
     """In-scope mutants of an interrupted run that have no verdict yet."""
-    meta = json.loads((here / "mutants" / (spec["source"] + ".meta")).read_text())
-    globs = spec.get("functions", ["*"])
-    return sorted(k for k, v in meta["exit_code_by_key"].items()
-                  if v is None and any(fnmatch.fnmatchcase(k, g) for g in globs))
+    return sorted(k for k, v in verdicts(spec, here).items() if v is None)
 
 
 def markdown(report: dict) -> str:
@@ -531,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_module(name, modules[name], run, args, workdir, base_env, command, children)
 
     # the costliest modules first (the last committed report's CPU minutes), each taken by the next free lane
-    order = sorted(names, key=lambda n: -_last_cpu(n))
+    last = _last_cpu(ROOT / "bench" / "results" / "mutation" / "mutation.json")
+    order = sorted(names, key=lambda n: -last.get(n, float("inf")))
     with ThreadPoolExecutor(max_workers=lanes) as pool:
         done = dict(zip(order, pool.map(one, order)))
     results = [done[n] for n in names]
@@ -558,18 +560,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if missed else 0
 
 
-def _last_cpu(name: str) -> float:
-    """The module's CPU seconds in the committed report: the lanes' scheduling order. A module without a
-    complete measured run counts as the costliest (round 5's cold run left export_cli, never measured, for last,
-    where it ran alone on one core)."""
+def _last_cpu(report_path: Path) -> dict[str, float]:
+    """Each module's CPU seconds in the committed report: the lanes' scheduling order. A module without a
+    complete measured run is left out, so it counts as the costliest and goes first (round 5's cold run left
+    export_cli, never measured, for last, where it ran alone on one core)."""
     try:
-        report = json.loads((ROOT / "bench" / "results" / "mutation" / "mutation.json").read_text())
+        report = json.loads(report_path.read_text())
     except (OSError, ValueError):
-        return float("inf")
-    row = next((r for r in report["modules"] if r["module"] == name), None)
-    if row is None or row.get("interrupted") or not row.get("cpu_seconds"):
-        return float("inf")
-    return float(row["cpu_seconds"])
+        return {}
+    return {r["module"]: float(r["cpu_seconds"]) for r in report["modules"]
+            if r.get("cpu_seconds") and not r.get("interrupted")}
 
 
 def run_module(name: str, spec: dict, run: dict, args: argparse.Namespace, workdir: Path, base_env: dict,
