@@ -148,20 +148,7 @@ class Session:
 
     def add_click(self, x: float, y: float, positive: bool = True) -> np.ndarray:
         """Add a click at column x, row y (image pixels); returns the new bool H x W mask."""
-        self._require_image()
-        h, w = self._shape
-        if not (_is_number(x) and _is_number(y)):
-            raise InputError(f"click coordinates must be numbers, got x={x!r}, y={y!r}")
-        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h):
-            raise InputError(f"click (x={x}, y={y}) is outside the {w}x{h} image (0 <= x < {w}, 0 <= y < {h})")
-        if not isinstance(positive, (bool, np.bool_)) and not (_is_int(positive) and positive in (0, 1)):
-            raise InputError(f"positive must be True or False, got {positive!r}")
-        positive = bool(positive)
-        if sum(c.positive == positive for c in self._clicks) >= self._max_points:
-            kind = "positive" if positive else "negative"
-            raise InputError(f"this engine takes at most {self._max_points} {kind} clicks; re-export with a "
-                             "larger --max-points, or undo()/reset()")
-        self._clicks.append(Click(float(x), float(y), positive))
+        self._clicks.append(self.check_click(x, y, positive))
         try:
             steps = self._predict_full() if self._full else self._predict()
         except BaseException:  # e.g. ModelOutputError or Ctrl-C: leave the session as it was before the click
@@ -176,6 +163,25 @@ class Session:
             net = self._net.copy()
         self._history.append(_Step(net, self._roi, self._box))
         return self.mask
+
+    def check_click(self, x: float, y: float, positive: bool = True) -> Click:
+        """The click `add_click(x, y, positive)` would record, or the InputError it would raise, without running
+        anything: a server that must act before the forward (the cluster commits the click while it runs)
+        learns here whether the click will be taken."""
+        self._require_image()
+        h, w = self._shape
+        if not (_is_number(x) and _is_number(y)):
+            raise InputError(f"click coordinates must be numbers, got x={x!r}, y={y!r}")
+        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < w and 0 <= y < h):
+            raise InputError(f"click (x={x}, y={y}) is outside the {w}x{h} image (0 <= x < {w}, 0 <= y < {h})")
+        if not isinstance(positive, (bool, np.bool_)) and not (_is_int(positive) and positive in (0, 1)):
+            raise InputError(f"positive must be True or False, got {positive!r}")
+        positive = bool(positive)
+        if sum(c.positive == positive for c in self._clicks) >= self._max_points:
+            kind = "positive" if positive else "negative"
+            raise InputError(f"this engine takes at most {self._max_points} {kind} clicks; re-export with a "
+                             "larger --max-points, or undo()/reset()")
+        return Click(float(x), float(y), positive)
 
     def undo(self) -> np.ndarray:
         """Remove the last click and restore the mask before it."""

@@ -405,3 +405,120 @@ def test_a_replica_failure_is_answered_in_the_project_error_format(engine, image
         cluster.cores["r0"].handle = broken
         r = client.post(f"/sessions/{sid}/clicks", json={"x": 5, "y": 5})
         assert r.status_code == 500 and r.json()["error"] == "CfrError" and "RuntimeError" in r.json()["message"]
+
+
+# ---- a click's commit sent beside its forward ---------------------------------------------------------------
+class _Failing:
+    """Makes the forwards of clicks at column `x` fail while `on`: with ModelOutputError (as a NaN output does),
+    or with an error the app does not answer itself (`crash`: a bug; the ASGI app raises)."""
+
+    def __init__(self, monkeypatch, x: float, crash: bool = False):
+        from cfr_runtime.errors import ModelOutputError
+
+        self.on = True
+        for name in ("_predict", "_predict_full"):
+            real = getattr(Session, name)
+
+            def failing(session, _real=real):
+                if self.on and session.clicks[-1].x == x:
+                    raise RuntimeError("a bug (test)") if crash else ModelOutputError("the network returned NaN (test)")
+                return _real(session)
+
+            monkeypatch.setattr(Session, name, failing)
+
+
+def test_a_click_is_committed_while_its_forward_runs_and_answered_after_both(engine, image):
+    """The commit of a click is in flight before the app runs the click (the app below waits for it, up to
+    5 s; a commit sent after the app would find it never came), and the answer still waits for the commit: a
+    record deleted meanwhile makes a click that the app computed answer 404."""
+    import asyncio
+
+    cluster = InProcessCluster(engine, config(), n=1)
+    core = cluster.cores["r0"]
+    with cluster.client() as client:
+        sid = create(client, image)
+        sent, seen = asyncio.Event(), []
+        real_commit, app = cluster.records.commit, core.app
+
+        async def commit(*args):
+            sent.set()
+            return await real_commit(*args)
+
+        async def waiting_app(scope, receive, send):
+            if scope["type"] == "http" and scope["path"].endswith("/clicks"):
+                try:
+                    await asyncio.wait_for(sent.wait(), 5)
+                    seen.append("commit in flight")
+                except asyncio.TimeoutError:
+                    seen.append("no commit yet")
+            await app(scope, receive, send)
+
+        cluster.records.commit, core.app = commit, waiting_app
+        r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 80, "y": 60})
+        assert r.status_code == 200 and seen == ["commit in flight"]
+        assert float(r.headers["x-cfr-early-commit-ms"]) > 0 and core.counters["early_commits"] == 1
+        assert cluster.book.head(sid)[0] == 1 and core.store.versions[sid] == 1
+        one = session_like(engine, image, [("click", 80, 60, True)])
+        assert np.array_equal(rle_to_mask(r.json()["mask"]), one.mask)
+
+        async def deleting_commit(*args):
+            cluster.book.delete(sid)  # expired or deleted elsewhere while the forward ran
+            return await real_commit(*args)
+
+        cluster.records.commit, core.app = deleting_commit, app
+        r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 20, "y": 15, "positive": False})
+        assert r.status_code == 404 and core.store.peek(sid) is None
+        # a click the session refuses is not committed early at all (the app answers it)
+        sid = create(client, image)
+        r = client.post(f"/sessions/{sid}/clicks", json={"x": 5000, "y": 1})
+        assert r.status_code == 400 and core.counters["early_commits"] == 2 and cluster.book.head(sid)[0] == 0
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_click_whose_forward_fails_after_its_commit_is_taken_back(engine, image, monkeypatch, crash):
+    cluster = InProcessCluster(engine, config(), n=1)
+    core = cluster.cores["r0"]
+    with cluster.client() as client:
+        sid = create(client, image)
+        click(client, sid, 80, 60)
+        _Failing(monkeypatch, 20, crash)
+        r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 20, "y": 15, "positive": False})
+        assert (r.status_code, r.json()["error"]) == ((500, "CfrError") if crash else (400, "ModelOutputError")), r.text
+        one = SessionState((RecordedClick(80, 60, True, "StdInfer"),), "StdInfer")
+        rec = cluster.book.fetch(sid)
+        assert core.counters["rolled_back"] == 1 and rec.state == one and rec.version == 3
+        assert rec.last_op.endswith(":undone") and core.store.versions[sid] == 3
+        a = click(client, sid, 100, 70)  # the session goes on from where it was; nothing conflicts
+        ops = [("click", 80, 60, True), ("click", 100, 70, True)]
+        assert len(a["clicks"]) == 2 and core.counters["conflicts"] == core.counters["rebuilds"] == 0
+        assert np.array_equal(rle_to_mask(a["mask"]), session_like(engine, image, ops).mask)
+
+
+def test_a_click_committed_by_a_replica_that_died_is_taken_back_when_it_fails_on_the_heir(engine, image, monkeypatch):
+    """The owner committed a click beside its forward and died before its answer; the gateway's retry reaches
+    the heir, where the click fails (its forward): the record is put back, the client gets the error, and a
+    retry of the click (a new request) is applied once."""
+    cluster = InProcessCluster(engine, config())
+    with cluster.client() as client:
+        sid = create(client, image)
+        click(client, sid, 80, 60)
+        owner = tag_of(sid)
+        one = cluster.book.fetch(sid).state
+        two = SessionState((*one.clicks, RecordedClick(20.0, 15.0, False, "StdInfer")), "StdInfer")
+        assert cluster.book.commit(sid, 1, two, "op-died", 0) == (OK, 2)  # what the owner sent before dying
+        cluster.alive.remove(owner)
+        heir = cluster.cores[cluster.alive[0]]
+        failing = _Failing(monkeypatch, 20)
+        from cfr_runtime.serve.cluster.asgi import HttpRequest
+
+        req = HttpRequest("POST", f"/sessions/{sid}/clicks", b"format=rle", [(b"content-type", b"application/json")],
+                          b'{"x": 20, "y": 15, "positive": false}')
+        r = cluster.call(client, heir.handle, "op-died", req)
+        assert r.status == 400 and b"ModelOutputError" in r.body
+        rec = cluster.book.fetch(sid)
+        assert rec.state == one and rec.version == 3 and heir.counters["rolled_back"] == 1
+        failing.on = False
+        a = click(client, sid, 20, 15, False)
+        ops = [("click", 80, 60, True), ("click", 20, 15, False)]
+        assert len(a["clicks"]) == 2 and cluster.book.head(sid)[0] == 4
+        assert np.array_equal(rle_to_mask(a["mask"]), session_like(engine, image, ops).mask)

@@ -6,7 +6,13 @@ transaction against the record store:
 - before: a read (GET) checks the local copy's version against the record and rebuilds the copy by replay when
   it is stale or absent; a write (POST/PUT) uses the local copy as it is (optimistic) and is checked at commit;
 - after: if the request changed the session (clicks or mode), the new state is committed with compare-and-set
-  on the version the copy was built from. Only then does the answer leave the replica. When another replica
+  on the version the copy was built from. Only then does the answer leave the replica. A click on a current
+  copy is the exception that makes the common case fast: the state it will produce is known from its body
+  (`Session.check_click` says whether it will be taken), so its commit is sent when the forward starts and
+  runs beside it, off the click's critical path; the answer still waits for both. If the click is then not
+  taken after all (its forward failed, the app refused it for a reason the check cannot see), a second commit
+  puts the record back before the answer leaves (`_undo_commit`); a replica that dies in between leaves a record its
+  heir corrects the same way when redoing the request. When another replica
   committed first (Serve's routing moved the session, or two routers disagreed for a moment), the copy is
   brought to the record by the store's replay (from their common prefix) and the request runs again; when the
   record is gone (expired, evicted, deleted) the answer is 404, as on one machine.
@@ -30,7 +36,8 @@ from dataclasses import dataclass
 
 from ...engine import Engine
 from ...errors import CfrError, InputError, SessionNotFoundError, StateError
-from ..app import ServeConfig, create_app, error_response
+from ...session import Click
+from ..app import ClickIn, ServeConfig, create_app, error_response
 from ..codec import EncodedImage, http_error
 from ..store import (
     ANONYMOUS,
@@ -44,7 +51,7 @@ from ..store import (
 )
 from .asgi import HttpRequest, HttpResponse, call_asgi, session_id_of
 from .batching import Submit, batching
-from .record import SessionState
+from .record import RecordedClick, SessionState
 from .records import MISSING, OK, Refused
 from .routing import make_session_id
 
@@ -64,7 +71,8 @@ class _Request:
     redo_of: int | None = None  # the record version this request already produced before its replica died
     redo_state: SessionState | None = None  # ... and the state it produced
     app_ms: float = 0.0  # time in cfr-serve's app
-    record_ms: float = 0.0  # time waiting on the record store
+    record_ms: float = 0.0  # time the answer waited on the record store (not a commit overlapped with the app)
+    early_commit_ms: float = 0.0  # the round trip of a click's commit sent while its forward ran
 
 
 _REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("cfr_cluster_request", default=None)
@@ -161,8 +169,17 @@ class ClusterStore(SessionStore):
         self.versions.pop(entry.id, None)
 
 
+@dataclass
+class _Early:
+    """A click's commit sent while its forward runs: the state it commits and the call in flight."""
+
+    state: SessionState
+    commit: asyncio.Future
+
+
 class _Timed:
-    """The record store client, adding the time of each call to the current request's `record_ms`."""
+    """The record store client, adding the time of each call to the current request's `record_ms`
+    (`inner` is the client itself: the early commit of a click is timed apart, as it runs beside the app)."""
 
     def __init__(self, records):
         self.inner = records
@@ -208,7 +225,8 @@ class ReplicaCore:
         self._lifespan = None
         self._creating: set[str] = set()
         self._answers: dict[str, tuple[str, HttpResponse]] = {}  # per session: the last committed write's answer
-        self.counters = {"rebuilds": 0, "replayed_forwards": 0, "conflicts": 0, "redone": 0}
+        self.counters = {"rebuilds": 0, "replayed_forwards": 0, "conflicts": 0, "redone": 0, "early_commits": 0,
+                         "rolled_back": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -240,8 +258,9 @@ class ReplicaCore:
     # ---- requests -------------------------------------------------------------------------------------
     async def handle(self, op_id: str, req: HttpRequest) -> HttpResponse:
         """One request. The answer carries the milliseconds spent in this replica (`x-cfr-replica-ms`), in the
-        app (`x-cfr-app-ms`, which includes the app's own `server_ms`) and waiting on the record store
-        (`x-cfr-record-ms`), so the cost of the cluster is visible per request."""
+        app (`x-cfr-app-ms`, which includes the app's own `server_ms`), waiting on the record store
+        (`x-cfr-record-ms`) and, for a click committed beside its forward, that commit's round trip
+        (`x-cfr-early-commit-ms`, hidden behind the app), so the cost of the cluster is visible per request."""
         start = time.perf_counter()
         if self._lifespan is None:
             await self.start()
@@ -252,7 +271,7 @@ class ReplicaCore:
         finally:
             _REQUEST.reset(token)
         timings = [(b"x-cfr-replica-ms", (time.perf_counter() - start) * 1000), (b"x-cfr-app-ms", request.app_ms),
-                   (b"x-cfr-record-ms", request.record_ms)]
+                   (b"x-cfr-record-ms", request.record_ms), (b"x-cfr-early-commit-ms", request.early_commit_ms)]
         return HttpResponse(response.status, [*response.headers, *((k, b"%.3f" % v) for k, v in timings)],
                             response.body)
 
@@ -326,39 +345,72 @@ class ReplicaCore:
                 entry = None
             elif head[0] != self.store.versions.get(sid):
                 entry = await self._rebuild(sid, request)
-        for _ in range(self.WRITE_ATTEMPTS):
+        for attempt in range(self.WRITE_ATTEMPTS):
             if entry is None:
                 return not_found(sid)
             version = self.store.versions.get(sid)  # what this copy was built from (the LRU may drop it below)
             before = SessionState.of(entry.session)
-            response = await self._call_app(req)
+            early = self._commit_early(sid, entry, before, version, request, req) if attempt == 0 else None
+            try:
+                response = await self._call_app(req)
+            except BaseException:
+                if early is not None:  # the app crashed: the record must not keep the click
+                    status, version = await self._await_early(early, request)
+                    if status == OK:
+                        version = await self._undo_commit(sid, version, before, request, entry)
+                        if SessionState.of(entry.session) == before:  # the session took the click back itself
+                            self._set_version(sid, entry, version)
+                        else:  # a copy in an unknown state is never kept
+                            self.store.discard(sid)
+                raise
             after = SessionState.of(entry.session)
-            if response.status == 404 and after == before and self.store.peek(sid) is not entry:
-                entry = await self._rebuild(sid, request)  # the local LRU evicted the copy under our feet
-                continue
-            if after == before:
-                if writes and await self.records.head(sid) is None:  # e.g. a refused click on an expired session
-                    self.store.discard(sid)
-                    return not_found(sid)
-                return response
-            if request.redo_of is not None:  # committed before its first replica died: already in the record
-                self.counters["redone"] += 1
-                if after != request.redo_state:  # never serve a guess
-                    self.store.discard(sid)
-                    if request.op_id.startswith("k:"):
+            # the local LRU evicted the copy under our feet: rebuild it and run the request again
+            evicted = response.status == 404 and after == before and self.store.peek(sid) is not entry
+            if early is not None:
+                status, version = await self._await_early(early, request)
+                if status == OK and evicted:  # the record has the click: the rebuild sees it is this request's
+                    entry = await self._rebuild(sid, request)  # (last_op) and redoes it, applied once
+                    continue
+                if status == OK:
+                    if after != early.state:  # the click was not taken after all
+                        version = await self._undo_commit(sid, version, after, request, entry)
+                    self._set_version(sid, entry, version)
+                    if after != before:
+                        self._answers[sid] = (request.op_id, response)
+                    return response
+            else:
+                if evicted:
+                    entry = await self._rebuild(sid, request)
+                    continue
+                if request.redo_of is not None and after == before != request.redo_state:
+                    # committed by a replica that died, but not taken here (refused, or its forward failed, e.g.
+                    # committed beside a forward that then failed): the record must not keep what was not done
+                    self._set_version(sid, entry, await self._undo_commit(sid, request.redo_of, before, request, entry))
+                    return response
+                elif after == before:
+                    if writes and await self.records.head(sid) is None:  # e.g. a refused click on an expired session
+                        self.store.discard(sid)
+                        return not_found(sid)
+                    return response
+                elif request.redo_of is not None:  # committed before its first replica died: already in the record
+                    self.counters["redone"] += 1
+                    if after != request.redo_state:  # never serve a guess
+                        self.store.discard(sid)
+                        if request.op_id.startswith("k:"):
+                            return _as_http(error_response(http_error(
+                                StateError, 409, "this Idempotency-Key was used by an earlier request that differs "
+                                                 "from this one; use a new key for each new request")))
                         return _as_http(error_response(http_error(
-                            StateError, 409, "this Idempotency-Key was used by an earlier request that differs "
-                                             "from this one; use a new key for each new request")))
-                    return _as_http(error_response(http_error(
-                        StateError, 500, f"replaying session {sid[:8]}... did not reproduce its record (is the "
-                        "engine deterministic, and the same model on every replica?); reload the session")))
-                self._set_version(sid, entry, request.redo_of)
-                return response
-            status, version = await self.records.commit(sid, version, after, request.op_id, entry.nbytes)
-            if status == OK:
-                self._set_version(sid, entry, version)
-                self._answers[sid] = (request.op_id, response)
-                return response
+                            StateError, 500, f"replaying session {sid[:8]}... did not reproduce its record (is the "
+                            "engine deterministic, and the same model on every replica?); reload the session")))
+                    self._set_version(sid, entry, request.redo_of)
+                    return response
+                else:
+                    status, version = await self.records.commit(sid, version, after, request.op_id, entry.nbytes)
+                    if status == OK:
+                        self._set_version(sid, entry, version)
+                        self._answers[sid] = (request.op_id, response)
+                        return response
             if status == MISSING:
                 self.store.discard(sid)
                 return not_found(sid)
@@ -369,8 +421,60 @@ class ReplicaCore:
         return _as_http(error_response(http_error(
             StateError, 503, f"session {sid[:8]}... kept changing on other replicas; retry the request")))
 
-    def _set_version(self, sid: str, entry: Entry, version: int) -> None:
-        if self.store.peek(sid) is entry:  # unless the copy was evicted meanwhile (then the next request rebuilds)
+    def _commit_early(self, sid: str, entry: Entry, before: SessionState, version: int | None, request: _Request,
+                      req: HttpRequest) -> _Early | None:
+        """For a click on a current copy that the session will take: send the commit of the state it produces
+        now, to run beside the forward (module doc). None (the commit follows the app, as for other writes) for
+        any other request, a copy rebuilt in this request, or a click the app will refuse."""
+        if req.method != "POST" or req.path != f"/sessions/{sid}/clicks" or version is None \
+                or request.redo_of is not None:
+            return None
+        try:
+            body = ClickIn.model_validate_json(req.body)
+            click: Click = entry.session.check_click(body.x, body.y, body.positive)
+        except (ValueError, CfrError):  # pydantic's ValidationError is a ValueError
+            return None  # the app answers it, with its own message; nothing to commit
+        state = SessionState((*before.clicks, RecordedClick(click.x, click.y, click.positive, before.mode)),
+                             before.mode)
+        self.counters["early_commits"] += 1
+        started = time.perf_counter()
+
+        async def commit():
+            try:
+                return await self.records.inner.commit(sid, version, state, request.op_id, entry.nbytes)
+            finally:
+                request.early_commit_ms = (time.perf_counter() - started) * 1000
+
+        return _Early(state, asyncio.ensure_future(commit()))
+
+    @staticmethod
+    async def _await_early(early: _Early, request: _Request) -> tuple[str, int]:
+        """The result of a click's early commit; the time the answer waits for it counts in `record_ms`."""
+        start = time.perf_counter()
+        try:
+            return await early.commit
+        finally:
+            request.record_ms += (time.perf_counter() - start) * 1000
+
+    async def _undo_commit(self, sid: str, expected: int, state: SessionState, request: _Request,
+                           entry: Entry) -> int | None:
+        """Commit `state` over a record at version `expected` that holds a change this replica did not make after
+        all; returns the new version. Under an id of its own, so that a retry of the request is a new request,
+        applied once. When another replica committed on top of the change meanwhile (two replicas writing one
+        session at once, which only a routing change allows), the change stays in the record and this copy,
+        which is not the record, is dropped (None)."""
+        self.counters["rolled_back"] += 1
+        status, version = await self.records.commit(sid, expected, state, request.op_id + ":undone", entry.nbytes)
+        if status == OK:
+            return version
+        log.warning("replica %s could not take back a click not taken on session %s... (%s)", self.tag,
+                    sid[:12], status)
+        self.store.discard(sid)
+        return None
+
+    def _set_version(self, sid: str, entry: Entry, version: int | None) -> None:
+        # unless the copy was evicted meanwhile (then the next request rebuilds) or dropped (version None)
+        if version is not None and self.store.peek(sid) is entry:
             self.store.versions[sid] = version
 
     async def _rebuild(self, sid: str, request: _Request) -> Entry | None:
