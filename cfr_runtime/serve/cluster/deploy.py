@@ -33,7 +33,7 @@ from ..codec import UploadLimits
 from ..store import StoreLimits
 from .asgi import HttpRequest, HttpResponse
 from .records import LocalRecords, RecordBook
-from .serve_mode import ingress_problem
+from .serve_mode import haproxy_ingress, ingress_problem
 
 log = logging.getLogger("cfr_runtime.serve.cluster")
 
@@ -60,6 +60,9 @@ class ClusterOptions:
     max_batch_size: int = 1  # forwards of different sessions per engine call (@serve.batch); 1: no batching
     batch_wait_timeout_s: float = 0.005  # how long a forward waits for its batch to fill
     sync_interval_s: float = 5.0  # how often a replica drops copies whose record expired elsewhere
+    # a click's record commit runs beside its forward (replica module doc); False commits after the forward, as
+    # every other write does: only to measure what running it beside saves (bench/serve_cluster_modes.py)
+    early_commit: bool = True
     records_name: str = "cfr_serve_records"
     namespace: str = "cfr-serve"  # Ray namespace of the record store actor
 
@@ -174,7 +177,8 @@ class SessionReplica:
                                               batch_wait_timeout_s=options.batch_wait_timeout_s)(self._run_batch)
             self._batch_thread = ThreadPoolExecutor(1, thread_name_prefix="cfr-batch")  # one engine call at a time
             submit = self._submit
-        self.core = ReplicaCore(self.engine, config, records, self.tag, submit=submit)
+        self.core = ReplicaCore(self.engine, config, records, self.tag, submit=submit,
+                                early_commit=options.early_commit)
         self.max_body = max_request_bytes(config.upload)
         self.sync_interval_s = options.sync_interval_s
         self._sync_task: asyncio.Task | None = None
@@ -251,6 +255,20 @@ class Gateway:
         return {"retries": self.core.retries}
 
 
+def gateway_actor_options(options: ClusterOptions, environ: dict[str, str] | None = None) -> dict:
+    """The gateway's Ray actor options. Behind HAProxy (Serve's high-throughput mode) the gateway runs on the head
+    node: HAProxy runs there and sends each request straight to an ingress replica's own port, at 127.0.0.1 on its
+    node and at the node's address elsewhere, while the replica listens on Serve's HTTP host; with that host on
+    loopback (as here, and as docs/ray.md advises) a gateway on another node never answers HAProxy's health
+    check and every request silently takes the backup path through Serve's Python proxy (measured: +7 ms per
+    click, the default mode's cost). The gateway is light (`gateway_cpus`); the session replicas spread as
+    configured."""
+    actor = {"num_cpus": options.gateway_cpus}
+    if haproxy_ingress(environ):
+        actor["resources"] = {"node:__internal_head__": 0.001}  # Ray's resource of the head node
+    return actor
+
+
 def build_app(model: str | Path | None = None, config: ServeConfig | None = None,
               options: ClusterOptions | None = None):
     """The Serve application (gateway + session replicas, or the replicas alone with `ingress="direct"`);
@@ -273,7 +291,7 @@ def build_app(model: str | Path | None = None, config: ServeConfig | None = None
         request_router_config=RequestRouterConfig(request_router_class=SessionRouter))
     gateway = serve.deployment(
         Gateway, name="gateway", num_replicas=options.gateway_replicas, max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": options.gateway_cpus})
+        ray_actor_options=gateway_actor_options(options))
     if options.ingress == "direct":
         return sessions.bind(model, config, options)
     return gateway.bind(sessions.bind(model, config, options), max_request_bytes(config.upload))

@@ -215,8 +215,9 @@ class ReplicaCore:
     WRITE_ATTEMPTS = 3
 
     def __init__(self, engine: Engine, config: ServeConfig, records, tag: str, store: ClusterStore | None = None,
-                 submit: Submit | None = None):
+                 submit: Submit | None = None, early_commit: bool = True):
         self.engine, self.config, self.records, self.tag = engine, config, _Timed(records), tag
+        self.early_commit = early_commit  # False: a click commits after its forward (to measure the difference)
         # sessions (live and replayed) run on the batching engine when `submit` is given; the app sees the Engine
         self.store = store or ClusterStore(batching(engine, submit), config.store, tag)
         self.app = create_app(engine, config, self.store)
@@ -426,8 +427,8 @@ class ReplicaCore:
         """For a click on a current copy that the session will take: send the commit of the state it produces
         now, to run beside the forward (module doc). None (the commit follows the app, as for other writes) for
         any other request, a copy rebuilt in this request, or a click the app will refuse."""
-        if req.method != "POST" or req.path != f"/sessions/{sid}/clicks" or version is None \
-                or request.redo_of is not None:
+        if not self.early_commit or req.method != "POST" or req.path != f"/sessions/{sid}/clicks" \
+                or version is None or request.redo_of is not None:
             return None
         try:
             body = ClickIn.model_validate_json(req.body)
