@@ -45,12 +45,19 @@ def resident_bytes(session) -> int:
     return session.nbytes + extra
 
 
+def click_bytes(contract) -> int:
+    """What one click adds to `resident_bytes`: its S x S float32 map in the undo history (every other buffer
+    is allocated with the image), so a server that reports a session's size before the click has run (the
+    cluster's early commit) knows the size it will have."""
+    return F32 * contract.input_size ** 2
+
+
 def estimate_resident(height: int, width: int, contract, clicks: int = 0) -> int:
     """`resident_bytes` of a session on an H x W image with `clicks` in its history, before it exists."""
     s, p = contract.input_size, contract.max_points
     runner = F32 * (3 * s * s + s * s + 2 * p * 3 + s * s)  # image, prev_mask, points, output
     host = HOST_BYTES_PER_PIXEL * height * width + F32 * 3 * s * s  # + the S x S x 3 crop of the image
-    history = clicks * F32 * s * s
+    history = clicks * click_bytes(contract)
     return host + runner + history + scratch_bound(height, width, s)
 
 

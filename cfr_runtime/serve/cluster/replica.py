@@ -39,6 +39,7 @@ from ...errors import CfrError, InputError, SessionNotFoundError, StateError
 from ...session import Click
 from ..app import ClickIn, ServeConfig, create_app, error_response
 from ..codec import EncodedImage, http_error
+from ..memory import click_bytes
 from ..store import (
     ANONYMOUS,
     Entry,
@@ -199,6 +200,12 @@ class _Timed:
         return timed
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Take the outcome of a transaction whose caller went away (else asyncio logs it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _as_http(response) -> HttpResponse:
     return HttpResponse(response.status_code, list(response.raw_headers), bytes(response.body))
 
@@ -268,7 +275,12 @@ class ReplicaCore:
         request = _Request(op_id)
         token = _REQUEST.set(request)
         try:
-            response = await self._handle(request, req)
+            # shielded: a caller that goes away (Serve cancels the call when its client disconnects) must not stop
+            # the transaction half way, as the app's forward runs on in its worker thread and the session takes
+            # the click; the copy, the record and the commit are finished together, as when an answer is lost
+            transaction = asyncio.ensure_future(self._handle(request, req))
+            transaction.add_done_callback(_retrieve)
+            response = await asyncio.shield(transaction)
         finally:
             _REQUEST.reset(token)
         timings = [(b"x-cfr-replica-ms", (time.perf_counter() - start) * 1000), (b"x-cfr-app-ms", request.app_ms),
@@ -370,7 +382,12 @@ class ReplicaCore:
             if early is not None:
                 status, version = await self._await_early(early, request)
                 if status == OK and evicted:  # the record has the click: the rebuild sees it is this request's
-                    entry = await self._rebuild(sid, request)  # (last_op) and redoes it, applied once
+                    try:  # (last_op) and redoes it, applied once
+                        rebuilt = await self._rebuild(sid, request)
+                    except BaseException:  # e.g. no memory here (503): the click was not run, nor kept
+                        await self._undo_commit(sid, version, before, request, entry)
+                        raise
+                    entry = rebuilt
                     continue
                 if status == OK:
                     if after != early.state:  # the click was not taken after all
@@ -383,9 +400,11 @@ class ReplicaCore:
                 if evicted:
                     entry = await self._rebuild(sid, request)
                     continue
-                if request.redo_of is not None and after == before != request.redo_state:
-                    # committed by a replica that died, but not taken here (refused, or its forward failed, e.g.
-                    # committed beside a forward that then failed): the record must not keep what was not done
+                if request.redo_of is not None and after == before != request.redo_state \
+                        and self._click_state(sid, entry, before, req) == request.redo_state:
+                    # this click, committed beside its forward by a replica that died, not taken here (refused, or
+                    # its forward failed): the record must not keep what was not done. Only this click: another
+                    # request under the same Idempotency-Key must not take back the click it recorded and answered
                     self._set_version(sid, entry, await self._undo_commit(sid, request.redo_of, before, request, entry))
                     return response
                 elif after == before:
@@ -405,6 +424,7 @@ class ReplicaCore:
                             StateError, 500, f"replaying session {sid[:8]}... did not reproduce its record (is the "
                             "engine deterministic, and the same model on every replica?); reload the session")))
                     self._set_version(sid, entry, request.redo_of)
+                    self._answers[sid] = (request.op_id, response)  # a further retry of it gets this answer
                     return response
                 else:
                     status, version = await self.records.commit(sid, version, after, request.op_id, entry.nbytes)
@@ -425,28 +445,42 @@ class ReplicaCore:
     def _commit_early(self, sid: str, entry: Entry, before: SessionState, version: int | None, request: _Request,
                       req: HttpRequest) -> _Early | None:
         """For a click on a current copy that the session will take: send the commit of the state it produces
-        now, to run beside the forward (module doc). None (the commit follows the app, as for other writes) for
-        any other request, a copy rebuilt in this request, or a click the app will refuse."""
-        if not self.early_commit or req.method != "POST" or req.path != f"/sessions/{sid}/clicks" \
-                or version is None or request.redo_of is not None:
+        now, to run beside the forward (module doc), with the size the session will have after it. None (the
+        commit follows the app, as for other writes) for any other request, a request run again (after a conflict
+        or an eviction) or redone for a replica that died, or a click the session refuses (`check_click`); and
+        always with `early_commit` off."""
+        if not self.early_commit or version is None or request.redo_of is not None:
+            return None
+        state = self._click_state(sid, entry, before, req)
+        if state is None:
+            return None  # the app answers it, with its own message; nothing to commit
+        self.counters["early_commits"] += 1
+        started = time.perf_counter()
+        # the size the session will have: the click adds one step to its undo history (what a refused click
+        # commits back is measured after the app, as for every other write)
+        nbytes = entry.nbytes + click_bytes(entry.session.engine.contract)
+
+        async def commit():
+            try:
+                return await self.records.inner.commit(sid, version, state, request.op_id, nbytes)
+            finally:
+                request.early_commit_ms = (time.perf_counter() - started) * 1000
+
+        return _Early(state, asyncio.ensure_future(commit()))
+
+    def _click_state(self, sid: str, entry: Entry, before: SessionState, req: HttpRequest) -> SessionState | None:
+        """The state a click request will leave the session at `before` in (`Session.check_click`), or None: not
+        a click, or one the session refuses. A body over the app's JSON limit is not parsed (the app refuses it
+        unread; parsing a body of up to the upload limit here would hold the event loop for most of a second)."""
+        if req.method != "POST" or req.path != f"/sessions/{sid}/clicks" or len(req.body) > self.config.max_json_bytes:
             return None
         try:
             body = ClickIn.model_validate_json(req.body)
             click: Click = entry.session.check_click(body.x, body.y, body.positive)
         except (ValueError, CfrError):  # pydantic's ValidationError is a ValueError
-            return None  # the app answers it, with its own message; nothing to commit
-        state = SessionState((*before.clicks, RecordedClick(click.x, click.y, click.positive, before.mode)),
-                             before.mode)
-        self.counters["early_commits"] += 1
-        started = time.perf_counter()
-
-        async def commit():
-            try:
-                return await self.records.inner.commit(sid, version, state, request.op_id, entry.nbytes)
-            finally:
-                request.early_commit_ms = (time.perf_counter() - started) * 1000
-
-        return _Early(state, asyncio.ensure_future(commit()))
+            return None
+        return SessionState((*before.clicks, RecordedClick(click.x, click.y, click.positive, before.mode)),
+                            before.mode)
 
     @staticmethod
     async def _await_early(early: _Early, request: _Request) -> tuple[str, int]:
