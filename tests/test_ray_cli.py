@@ -125,3 +125,25 @@ def test_an_unreachable_cluster_is_one_error_at_once():
     port = free_ports(1)[0]  # nothing listens there
     result = run(["--ray", f"127.0.0.1:{port}"])
     assert result.exit_code == 2 and "cannot reach the Ray cluster" in result.output, result.output
+
+
+@pytest.mark.parametrize("haproxy", [False, True])
+def test_serve_on_ray_points_at_the_fast_mode_when_it_is_off(monkeypatch, capsys, haproxy):
+    """Serve's default proxy costs several times the high-throughput mode's routing per click (docs/ray.md), and
+    only the operator can turn that mode on (every `ray start`): cfr-serve says so when it deploys without it."""
+    pytest.importorskip("ray", reason="Ray is not installed")
+    import ray
+    from ray import serve
+
+    from cfr_runtime.serve.cluster import deploy
+
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1" if haproxy else "0")
+    monkeypatch.setattr(deploy, "check_reachable", lambda address: None)
+    monkeypatch.setattr(deploy, "build_app", lambda *args: "app")
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(serve, "run", lambda app, **kwargs: None)
+    assert deploy.serve_on_ray("127.0.0.2:6379", block=False) == "http://127.0.0.1:8000/"
+    err = capsys.readouterr().err
+    assert "cfr-serve: http://127.0.0.1:8000/" in err
+    assert ("RAY_SERVE_ENABLE_HA_PROXY=1" in err) is not haproxy, err

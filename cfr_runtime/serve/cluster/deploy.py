@@ -426,6 +426,10 @@ def serve_on_ray(address: str, model: str | Path | None = None, config: ServeCon
         serve.run(build_app(model, config, options), name=APP_NAME, route_prefix="/", blocking=False)
         print(f"cfr-serve: on Ray at {address}: {options.replicas} session replicas\ncfr-serve: {url}",
               file=sys.stderr)
+        if not haproxy_ingress():
+            print("cfr-serve: note: Ray Serve's default Python HTTP proxy is in front; its high-throughput mode "
+                  "(RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for every `ray start` and for "
+                  "cfr-serve) routes each click several times faster (docs/ray.md)", file=sys.stderr)
         while block:
             time.sleep(3600)
     except KeyboardInterrupt:
