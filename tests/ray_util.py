@@ -133,6 +133,21 @@ class InProcessCluster:
         return client.portal.call(fn, *args)
 
 
+def evict_once(core, sid: str) -> list:
+    """Make the replica's own LRU drop the copy of `sid` once, between the version check and the app's lookup
+    (as another session's create on a worker thread can): returns the list that says it happened."""
+    app, evicted = core.app, []
+
+    async def evicting_app(scope, receive, send):
+        if scope["type"] == "http" and not evicted:
+            evicted.append(sid)
+            core.store.discard(sid)
+        await app(scope, receive, send)
+
+    core.app = evicting_app
+    return evicted
+
+
 class GroupBatcher:
     """Holds forwards until `size` sessions have submitted one (or `wait_s` passed), then runs them as one
     `Engine.run_batch` call: what Ray Serve's @serve.batch does in a replica, here with threads."""

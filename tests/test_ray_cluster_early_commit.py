@@ -16,7 +16,7 @@ from cfr_runtime.errors import StateError  # noqa: E402
 from cfr_runtime.serve.cluster.routing import tag_of  # noqa: E402
 from cfr_runtime.serve.codec import http_error, rle_to_mask  # noqa: E402
 from cfr_runtime.serve.store import MB  # noqa: E402
-from tests.ray_util import InProcessCluster  # noqa: E402
+from tests.ray_util import InProcessCluster, evict_once  # noqa: E402
 from tests.serve_fixtures import encode as encode_png  # noqa: E402
 from tests.test_ray_cluster_logic import click, config, create, session_like  # noqa: E402
 
@@ -24,21 +24,6 @@ from tests.test_ray_cluster_logic import click, config, create, session_like  # 
 @pytest.fixture(scope="module")
 def image() -> bytes:
     return encode_png(blob_scene(5, 120, 160)[0])
-
-
-def evict_once(core, sid: str) -> list:
-    """Make the replica's own LRU drop the copy of `sid` once, between the version check and the app's lookup
-    (as another session's create on a worker thread can): returns the list that says it happened."""
-    app, evicted = core.app, []
-
-    async def evicting_app(scope, receive, send):
-        if scope["type"] == "http" and not evicted:
-            evicted.append(sid)
-            core.store.discard(sid)
-        await app(scope, receive, send)
-
-    core.app = evicting_app
-    return evicted
 
 
 def clicks_of(client, sid: str) -> list[tuple]:

@@ -19,7 +19,7 @@ from cfr_runtime.serve.cluster.records import CONFLICT, MISSING, OK, RecordBook,
 from cfr_runtime.serve.cluster.routing import make_session_id, owner_order, tag_of  # noqa: E402
 from cfr_runtime.serve.codec import EncodedImage, decode_upload, rle_to_mask  # noqa: E402
 from cfr_runtime.serve.store import SessionStore  # noqa: E402
-from tests.ray_util import GroupBatcher, InProcessCluster  # noqa: E402
+from tests.ray_util import GroupBatcher, InProcessCluster, evict_once  # noqa: E402
 from tests.serve_fixtures import FakeClock  # noqa: E402
 from tests.serve_fixtures import encode as encode_png  # noqa: E402
 
@@ -364,15 +364,7 @@ def test_copy_evicted_by_the_local_cap_during_a_request_is_rebuilt(engine, image
     with cluster.client() as client:
         sid = create(client, image)
         click(client, sid, 80, 60)
-        app, evicted = core.app, []
-
-        async def evicting_app(scope, receive, send):
-            if scope["type"] == "http" and not evicted:
-                evicted.append(sid)
-                core.store.discard(sid)
-            await app(scope, receive, send)
-
-        core.app = evicting_app
+        evicted = evict_once(core, sid)
         a = click(client, sid, 20, 15, False)
         assert evicted and len(a["clicks"]) == 2 and core.counters["rebuilds"] == 1
         ops = [("click", 80, 60, True), ("click", 20, 15, False)]
