@@ -493,8 +493,7 @@ def markdown(r: dict) -> str:
              f"Machine: {describe(load_avg['start'], load_avg.get('end'))} ({r['machine']}); "
              f"Ray {r['versions']['ray']}, ONNX Runtime {r['versions']['onnxruntime']}; Ray Serve environment: "
              f"{r.get('ray_serve_env') or 'defaults (Python HTTP proxy, Ray actor calls between deployments)'}"
-             f"{hap}; a click's record commit: {r.get('click_commit', 'after its forward (before --commit)')}"
-             f"{' its forward' if r.get('click_commit') in ('beside', 'after') else ''}.", "",
+             f"{hap}; a click's record commit: {r['click_commit']} its forward.", "",
              f"Model: {r['model']}.", "", f"`{r['command']}`", ""]
     for key, title in (("overhead", "gateway (default)"), ("overhead_direct", "direct ingress")):
         if key not in r:

@@ -67,6 +67,10 @@ def one_round(mode: str, model: Path, dataset: Path, single_clicks: int, work: P
                                    + (done.stdout + done.stderr)[-3000:])
     r = json.loads((work / f"{tag}.json").read_text())
     o = r["overhead"]
+    hidden = o["ray_breakdown_p50_ms"]["the commit's round trip, sent beside the forward (hidden)"]
+    if (hidden > 0) != (commit == "beside"):  # never label a run with a mode its replicas did not run
+        raise click.ClickException(f"mode {mode}: the replicas committed clicks {'beside' if hidden > 0 else 'after'} "
+                                   f"their forward, not {commit} (p50 of x-cfr-early-commit-ms: {hidden} ms)")
     return {"mode": mode, "overhead_ms": o["routing_overhead_outside_app_p50_ms"],
             "raw_overhead_ms": o["routing_overhead_p50_ms"], "breakdown_ms": o["ray_breakdown_p50_ms"],
             "ray_click_ms": o["ray"]["click_ms"], "plain_click_ms": o["plain"]["click_ms"],
@@ -140,12 +144,8 @@ def markdown(r: dict) -> str:
     for mode, x in r["modes"].items():
         env = x["serve_env"] or "defaults (Python HTTP proxy)"
         runs = ", ".join(f"{v:+.2f} ms" for v in x["overhead_ms"])
-        # files made before --commit: read it from the breakdown (a commit beside the forward has its own line)
-        commit = x.get("click_commit") or ("beside" if any("beside the forward" in k for k in
-                                                            x["breakdown_of_median_run_ms"]) else "after")
-        lines.append(f"| {mode} | {env} | {commit} its forward | {runs} | **{x['median_ms']:+.2f} ms** |")
-    ratios = r.get("ratio_over_fast") or {"default": r.get("ratio_default_over_fast")}
-    over = "; ".join(f"{mode} over fast: {v}x" for mode, v in ratios.items())
+        lines.append(f"| {mode} | {env} | {x['click_commit']} its forward | {runs} | **{x['median_ms']:+.2f} ms** |")
+    over = "; ".join(f"{mode} over fast: {v}x" for mode, v in r["ratio_over_fast"].items())
     lines += ["", f"Medians, {over}. Target: <= 5 ms.", "",
               "Where the time goes in each mode's median run (p50 per click, from the gateway's and replica's "
               "timing headers):", ""]

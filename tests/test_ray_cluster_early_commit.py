@@ -16,9 +16,9 @@ from cfr_runtime.errors import StateError  # noqa: E402
 from cfr_runtime.serve.cluster.routing import tag_of  # noqa: E402
 from cfr_runtime.serve.codec import http_error, rle_to_mask  # noqa: E402
 from cfr_runtime.serve.store import MB  # noqa: E402
-from tests.ray_util import InProcessCluster, evict_once  # noqa: E402
+from tests.ray_util import InProcessCluster  # noqa: E402
 from tests.serve_fixtures import encode as encode_png  # noqa: E402
-from tests.test_ray_cluster_logic import click, config, create, session_like  # noqa: E402
+from tests.test_ray_cluster_logic import click, config, create, one_click_then_evicting, session_like  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,7 @@ def test_an_idempotent_retry_of_a_click_redone_after_a_local_eviction_applies_on
     """The click's copy is evicted while its commit is in flight: the replica rebuilds the state before the
     click from the record and redoes it. The client's retry with the same Idempotency-Key must get the first
     answer, not a second click (the redo path did not remember its answer)."""
-    cluster = InProcessCluster(engine, config(), n=1)
-    core = cluster.cores["r0"]
-    with cluster.client() as client:
-        sid = create(client, image)
-        click(client, sid, 80, 60)
-        evicted = evict_once(core, sid)
+    with one_click_then_evicting(engine, image) as (cluster, core, client, sid, evicted):
         key = {"Idempotency-Key": "click-2"}
         body = {"x": 20, "y": 15, "positive": False}
         first = client.post(f"/sessions/{sid}/clicks?format=rle", json=body, headers=key)
@@ -55,12 +50,7 @@ def test_an_idempotent_retry_of_a_click_redone_after_a_local_eviction_applies_on
 def test_a_click_whose_copy_cannot_be_rebuilt_after_its_commit_is_not_kept(engine, image, monkeypatch):
     """The copy is evicted while the click's commit is in flight, and the replica has no memory to rebuild it
     (503): the client is told to retry, so the record must not keep the click, or the retry adds it twice."""
-    cluster = InProcessCluster(engine, config(), n=1)
-    core = cluster.cores["r0"]
-    with cluster.client() as client:
-        sid = create(client, image)
-        click(client, sid, 80, 60)
-        evicted = evict_once(core, sid)
+    with one_click_then_evicting(engine, image) as (cluster, core, client, sid, evicted):
         real_rebuild, failed = core.store.rebuild, []
 
         def no_memory(*args):
@@ -218,3 +208,32 @@ def test_a_failed_click_that_another_replica_built_on_is_not_answered_as_not_tak
         assert raced and raced[0][0] == "ok"
         kept = [c.x for c in cluster.book.fetch(sid).state.clicks]
         assert r.status_code == 200 or 20.0 not in kept, f"answered {r.status_code}, but the record keeps {kept}"
+
+
+def test_an_app_that_crashes_after_the_click_ran_leaves_no_copy_ahead_of_its_record(engine, image):
+    """The app raises after the session took the click (a bug past the forward, e.g. in the answer): the record
+    is put back, so the local copy, one click ahead of it, must not be kept as current, or the next read serves
+    a click the record does not hold."""
+    cluster = InProcessCluster(engine, config(), n=1)
+    core = cluster.cores["r0"]
+    with cluster.client() as client:
+        sid = create(client, image)
+        click(client, sid, 80, 60)
+        app, crashed = core.app, []
+
+        async def crashing_after(scope, receive, send):
+            async def sink(message):
+                pass
+
+            await app(scope, receive, sink if not crashed else send)
+            if scope["type"] == "http" and scope["path"].endswith("/clicks") and not crashed:
+                crashed.append(True)
+                raise RuntimeError("a bug after the click ran (test)")
+
+        core.app = crashing_after
+        r = client.post(f"/sessions/{sid}/clicks?format=rle", json={"x": 20, "y": 15, "positive": False})
+        assert crashed and r.status_code == 500, r.text
+        assert clicks_of(client, sid) == [(80.0, 60.0, True)], "a copy ahead of its record served the read"
+        a = click(client, sid, 100, 70)
+        ops = [("click", 80, 60, True), ("click", 100, 70, True)]
+        assert len(a["clicks"]) == 2 and np.array_equal(rle_to_mask(a["mask"]), session_like(engine, image, ops).mask)

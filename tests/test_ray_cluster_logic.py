@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -356,15 +358,22 @@ def test_app_builder_arguments_and_options_are_checked(monkeypatch):
     assert deploy._driver_ip("auto") is None
 
 
-def test_copy_evicted_by_the_local_cap_during_a_request_is_rebuilt(engine, image):
-    """A replica's own LRU cap may drop a copy between the version check and the app's lookup (another
-    session's create on a worker thread): the record still exists, so the request is served, not 404."""
+@contextlib.contextmanager
+def one_click_then_evicting(engine, image):
+    """One replica, a session with one click at (80, 60), and its copy set to be dropped by the replica's own
+    LRU during the next request (`evict_once`): yields (cluster, core, client, sid, evicted)."""
     cluster = InProcessCluster(engine, config(), n=1)
     core = cluster.cores["r0"]
     with cluster.client() as client:
         sid = create(client, image)
         click(client, sid, 80, 60)
-        evicted = evict_once(core, sid)
+        yield cluster, core, client, sid, evict_once(core, sid)
+
+
+def test_copy_evicted_by_the_local_cap_during_a_request_is_rebuilt(engine, image):
+    """A replica's own LRU cap may drop a copy between the version check and the app's lookup (another
+    session's create on a worker thread): the record still exists, so the request is served, not 404."""
+    with one_click_then_evicting(engine, image) as (cluster, core, client, sid, evicted):
         a = click(client, sid, 20, 15, False)
         assert evicted and len(a["clicks"]) == 2 and core.counters["rebuilds"] == 1
         ops = [("click", 80, 60, True), ("click", 20, 15, False)]

@@ -368,13 +368,7 @@ class ReplicaCore:
                 response = await self._call_app(req)
             except BaseException:
                 if early is not None:  # the app crashed: the record must not keep the click
-                    status, version = await self._await_early(early, request)
-                    if status == OK:
-                        version = await self._undo_commit(sid, version, before, request, entry)
-                        if SessionState.of(entry.session) == before:  # the session took the click back itself
-                            self._set_version(sid, entry, version)
-                        else:  # a copy in an unknown state is never kept
-                            self.store.discard(sid)
+                    await self._take_back(sid, early, before, request, entry)
                 raise
             after = SessionState.of(entry.session)
             # the local LRU evicted the copy under our feet: rebuild it and run the request again
@@ -385,7 +379,7 @@ class ReplicaCore:
                     try:  # (last_op) and redoes it, applied once
                         rebuilt = await self._rebuild(sid, request)
                     except BaseException:  # e.g. no memory here (503): the click was not run, nor kept
-                        await self._undo_commit(sid, version, before, request, entry)
+                        await self._take_back(sid, early, before, request, entry)
                         raise
                     entry = rebuilt
                     continue
@@ -490,6 +484,20 @@ class ReplicaCore:
             return await early.commit
         finally:
             request.record_ms += (time.perf_counter() - start) * 1000
+
+    async def _take_back(self, sid: str, early: _Early, before: SessionState, request: _Request,
+                         entry: Entry) -> None:
+        """A click committed early that did not run to its answer (the app crashed, or its evicted copy could not
+        be rebuilt): put the record back to `before`, and keep the local copy only if it is still the one it
+        was, at `before` (a copy in an unknown state is never kept)."""
+        status, version = await self._await_early(early, request)
+        if status != OK:
+            return
+        version = await self._undo_commit(sid, version, before, request, entry)
+        if self.store.peek(sid) is entry and SessionState.of(entry.session) == before:
+            self._set_version(sid, entry, version)
+        else:
+            self.store.discard(sid)
 
     async def _undo_commit(self, sid: str, expected: int, state: SessionState, request: _Request,
                            entry: Entry) -> int | None:
